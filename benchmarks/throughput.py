@@ -1,0 +1,187 @@
+"""Client-examples/s of a federated round, beside centralized training of the same model.
+
+    python benchmarks/throughput.py --out=/tmp/throughput.json [--strategies=auto,host]
+
+Workloads (the core issue's): T logistic and C cnn_emnist on 100 clients x 50 examples of
+28x28x1 with 62 classes; R cnn_hsu on 32x32x3 with 10 classes; batch 10, one local epoch.
+Every federated figure is printed beside centralized SGD of the same model at batch 10 and at
+batch = cohort x 10, measured in the same run, with the ratios: timings on a shared machine are
+noisy, ratios much less so. Cohorts are prebuilt (the input pipeline has its own benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_cv import algorithms
+from fedjax_cv.engine import ClientInfo, Cohort, resolve_strategy
+from fedjax_cv.models import get_model
+from fedjax_cv.tasks import classification
+
+WORKLOADS = {
+    # name: (model, image shape, classes, cohorts)
+    "T": ("logistic", (28, 28, 1), 62, (10, 50)),
+    "C": ("cnn_emnist", (28, 28, 1), 62, (10,)),
+    "R": ("cnn_hsu", (32, 32, 3), 10, (10,)),
+}
+EXAMPLES_PER_CLIENT, BATCH = 50, 10
+
+
+def _timed(run, min_seconds: float, min_repeats: int = 2) -> float:
+    """Seconds per call of `run` after one warm-up call."""
+    jax.block_until_ready(run())
+    repeats, started = 0, time.perf_counter()
+    while repeats < min_repeats or time.perf_counter() - started < min_seconds:
+        jax.block_until_ready(run())
+        repeats += 1
+    return (time.perf_counter() - started) / repeats
+
+
+def make_cohort(rng, cohort: int, shape, num_classes: int) -> Cohort:
+    steps = EXAMPLES_PER_CLIENT // BATCH
+    images = rng.normal(size=(cohort, steps, BATCH) + shape).astype(np.float32)
+    labels = rng.integers(0, num_classes, (cohort, steps, BATCH)).astype(np.int32)
+    info = ClientInfo(
+        client_id=np.arange(cohort, dtype=np.int32),
+        occurrence=np.zeros(cohort, np.int32),
+        num_examples=np.full(cohort, EXAMPLES_PER_CLIENT, np.float32),
+        label_histogram=np.ones((cohort, num_classes), np.float32),
+    )
+    return Cohort({"image": images, "label": labels}, np.ones((cohort, steps, BATCH), bool), info)
+
+
+def centralized(model, params, shape, num_classes, batch, rng, min_seconds) -> float:
+    """Examples/s of plain SGD steps dispatched from Python, batches prebuilt on the host."""
+    loss_fn = classification.make_loss_fn(model)
+    optimizer = optax.sgd(0.01)
+
+    @jax.jit
+    def step(params, opt_state, batch, key):
+        grads = jax.grad(lambda p: jnp.mean(loss_fn(p, {}, batch, key)[0]))(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state
+
+    batches = [
+        {
+            "image": rng.normal(size=(batch,) + shape).astype(np.float32),
+            "label": rng.integers(0, num_classes, batch).astype(np.int32),
+        }
+        for _ in range(8)
+    ]
+    state = [params, optimizer.init(params)]
+    key = jax.random.key(0)
+
+    def run():
+        for b in batches:
+            state[0], state[1] = step(state[0], state[1], b, key)
+        return state[0]
+
+    return 8 * batch / _timed(run, min_seconds)
+
+
+def federated(model, params, cohort, strategy, min_seconds) -> float:
+    algorithm = algorithms.fedavg(
+        classification.make_loss_fn(model),
+        0.01,
+        strategy=strategy,
+        metric_names=classification.METRIC_NAMES,
+    )
+    state = [algorithm.init(params)]
+    key = jax.random.key(1)
+
+    def run():
+        state[0], metrics = algorithm.apply(state[0], cohort, key)
+        return metrics["loss"]
+
+    return cohort.mask.sum() / _timed(run, min_seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="JSON file for the measurements")
+    parser.add_argument("--workloads", default="T,C,R")
+    parser.add_argument("--strategies", default="auto,vmap,sequential,host")
+    parser.add_argument("--min_seconds", type=float, default=2.0)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    rows = []
+    for name in args.workloads.split(","):
+        model_name, shape, num_classes, cohorts = WORKLOADS[name]
+        model = get_model(model_name, num_classes)
+        params = model.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False)["params"]
+        for cohort_size in cohorts:
+            central_b10 = centralized(
+                model, params, shape, num_classes, BATCH, rng, args.min_seconds
+            )
+            central_big = centralized(
+                model, params, shape, num_classes, BATCH * cohort_size, rng, args.min_seconds
+            )
+            cohort = make_cohort(rng, cohort_size, shape, num_classes)
+            for strategy in args.strategies.split(","):
+                rate = federated(model, params, cohort, strategy, args.min_seconds)
+                rows.append(
+                    {
+                        "workload": f"{name}:{model_name}",
+                        "strategy": strategy
+                        if strategy != "auto"
+                        else f"auto->{resolve_strategy('auto', params)}",
+                        "cohort": cohort_size,
+                        "client_examples_per_s": rate,
+                        "centralized_b10_examples_per_s": central_b10,
+                        "centralized_big_examples_per_s": central_big,
+                    }
+                )
+                print(_format_row(rows[-1]), flush=True)
+    print()
+    print(_table(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+_HEADER = (
+    "workload",
+    "strategy",
+    "cohort",
+    "fed ex/s",
+    "central b10",
+    "central big",
+    "fed/b10",
+    "fed/big",
+)
+
+
+def _format_row(row: dict) -> str:
+    fed, b10, big = (
+        row["client_examples_per_s"],
+        row["centralized_b10_examples_per_s"],
+        row["centralized_big_examples_per_s"],
+    )
+    cells = (
+        row["workload"],
+        row["strategy"],
+        str(row["cohort"]),
+        f"{fed:,.0f}",
+        f"{b10:,.0f}",
+        f"{big:,.0f}",
+        f"{fed / b10:.2f}",
+        f"{fed / big:.2f}",
+    )
+    return " | ".join(cells)
+
+
+def _table(rows: list[dict]) -> str:
+    lines = [" | ".join(_HEADER), " | ".join("---" for _ in _HEADER)]
+    lines += [_format_row(row) for row in rows]
+    return "\n".join(f"| {line} |" for line in lines)
+
+
+if __name__ == "__main__":
+    main()

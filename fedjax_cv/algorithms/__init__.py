@@ -1,0 +1,59 @@
+"""Federated algorithms as composable pure functions.
+
+Presets: `fedavg`, `fedavgm`, `fedopt`, `fedprox`, `fedir`, `fedvc`; each returns a
+`FederatedAlgorithm` with `init(params)` and `apply(state, cohort, rng)`. Compose axes with
+`federated_algorithm`, `ClientObjective` and `virtual_clients`.
+"""
+
+from fedjax_cv.algorithms.base import (
+    FederatedAlgorithm,
+    LossOutput,
+    PerExampleLoss,
+    ServerState,
+)
+from fedjax_cv.algorithms.client import ClientObjective, importance_table
+from fedjax_cv.algorithms.compose import (
+    client_sgd,
+    fedavg,
+    fedavgm,
+    federated_algorithm,
+    fedir,
+    fedopt,
+    fedprox,
+    fedvc,
+    virtual_clients,
+)
+from fedjax_cv.algorithms.sampling import (
+    ClientSampler,
+    ExampleSampler,
+    local_epochs,
+    size_proportional_clients,
+    uniform_clients,
+    virtual_client,
+)
+from fedjax_cv.algorithms.server import server_optimizer
+
+__all__ = [
+    "ClientObjective",
+    "ClientSampler",
+    "ExampleSampler",
+    "FederatedAlgorithm",
+    "LossOutput",
+    "PerExampleLoss",
+    "ServerState",
+    "client_sgd",
+    "fedavg",
+    "fedavgm",
+    "federated_algorithm",
+    "fedir",
+    "fedopt",
+    "fedprox",
+    "fedvc",
+    "importance_table",
+    "local_epochs",
+    "server_optimizer",
+    "size_proportional_clients",
+    "uniform_clients",
+    "virtual_client",
+    "virtual_clients",
+]

@@ -1,0 +1,55 @@
+"""Types shared by the algorithm building blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+from flax import struct
+
+from fedjax_cv.engine.cohort import Cohort
+
+Params = Any
+ModelState = Any  # non-param model variables, e.g. {'batch_stats': ...}; {} when there are none
+Batch = Any  # dict of arrays with a leading batch axis
+Metrics = dict[str, jax.Array]
+
+
+class LossOutput(NamedTuple):
+    """What a per-example loss function returns besides the losses."""
+
+    model_state: ModelState  # updated non-param variables (BatchNorm statistics)
+    metrics: dict[str, jax.Array]  # per-example metrics [batch] to average, e.g. accuracy
+
+
+# loss_fn(params, model_state, batch, rng) -> (per-example losses [batch], LossOutput), in
+# training mode. Per-example losses let the engine mask padding and FedIR reweight examples.
+PerExampleLoss = Callable[[Params, ModelState, Batch, jax.Array], tuple[jax.Array, LossOutput]]
+
+
+@struct.dataclass
+class ServerState:
+    """The server's state between rounds."""
+
+    params: Params
+    opt_state: Any
+    model_state: ModelState
+    round: jax.Array  # int32: rounds applied so far
+
+
+class FederatedAlgorithm(NamedTuple):
+    """A federated algorithm: pure server-side functions plus its host-side samplers.
+
+    - `init(params, model_state=None) -> ServerState`
+    - `apply(state, cohort, rng) -> (state, metrics)`: one round; `rng` is the round's key and
+      client k trains with `fold_in(rng, client_id_k)`.
+    - `client_sampler` picks a round's clients and `example_sampler` the examples each client
+      trains on; the input pipeline calls them to build the cohort.
+    """
+
+    init: Callable[..., ServerState]
+    apply: Callable[[ServerState, Cohort, jax.Array], tuple[ServerState, Metrics]]
+    client_sampler: Any
+    example_sampler: Any
+    strategy: str

@@ -1,0 +1,174 @@
+"""The client update: local training of one client from the server's model.
+
+The objective is the masked mean of per-example losses, optionally reweighted per example
+(FedIR) and regularised towards the server model (FedProx). The optimizer is any optax
+transformation; its state starts fresh every round (FedCV appendix), so client momentum
+never leaks across rounds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from fedjax_cv.algorithms.base import PerExampleLoss
+from fedjax_cv.engine.cohort import ClientInfo
+from fedjax_cv.engine.strategies import ClientProgram
+
+
+class ClientObjective(NamedTuple):
+    """How a client weighs its examples and what it adds to its loss.
+
+    - `class_prior`: None for plain training; for FedIR (Hsu, Qi and Brown 2020, eq. 1-4) the
+      population label distribution p, so an example of label y gets weight p(y) / q_k(y),
+      q_k the client's own label distribution, self-normalised over the batch.
+    - `proximal_mu`: FedProx (Li et al. 2020) adds mu/2 ||w - w_server||^2.
+    - `label_key`: the batch entry holding integer labels, used by FedIR.
+    """
+
+    class_prior: jax.Array | None = None
+    proximal_mu: float = 0.0
+    label_key: str = "label"
+
+
+def importance_table(class_prior: jax.Array, label_histogram: jax.Array) -> jax.Array:
+    """p(y) / q_k(y) for every class y; 0 where the client holds no example of y."""
+    q = label_histogram / jnp.maximum(jnp.sum(label_histogram), 1.0)
+    return jnp.where(q > 0, class_prior / jnp.where(q > 0, q, 1.0), 0.0)
+
+
+def objective_value(
+    objective: ClientObjective,
+    losses: jax.Array,
+    mask: jax.Array,
+    example_weights: jax.Array,
+    params,
+    server_params,
+) -> jax.Array:
+    """Self-normalised weighted mean of per-example losses over real examples, + proximal."""
+    weights = example_weights * mask
+    value = jnp.sum(weights * losses) / jnp.maximum(jnp.sum(weights), 1e-12)
+    if objective.proximal_mu:
+        squared = jax.tree.map(lambda w, s: jnp.sum(jnp.square(w - s)), params, server_params)
+        value = value + 0.5 * objective.proximal_mu * sum(jax.tree.leaves(squared))
+    return value
+
+
+@struct.dataclass
+class ClientState:
+    params: Any
+    opt_state: Any
+    model_state: Any
+    rng: jax.Array
+    steps: jax.Array  # int32: local steps taken (padded steps excluded)
+    class_weights: jax.Array | None  # FedIR's p(y)/q_k(y) table, None otherwise
+    loss_sum: jax.Array  # sum of per-example losses over real examples
+    metric_sums: dict[str, jax.Array]
+    num_trained: jax.Array  # real examples trained on
+
+
+class ClientContribution(NamedTuple):
+    """What one client adds to the round's sums (see `aggregate` in server.py)."""
+
+    weighted_delta: Any  # weight * (client params - server params)
+    weighted_model_state: Any
+    weight: jax.Array
+    loss_sum: jax.Array
+    metric_sums: dict[str, jax.Array]
+    num_trained: jax.Array
+    num_clients: jax.Array
+    num_nonfinite: jax.Array
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def client_program(
+    loss_fn: PerExampleLoss,
+    optimizer: optax.GradientTransformation,
+    objective: ClientObjective,
+    client_weight,
+    metric_names: tuple[str, ...] = (),
+) -> ClientProgram:
+    """Builds the one-client update.
+
+    `client_weight(info)` is the client's aggregation weight; `metric_names` are the
+    per-example metrics `loss_fn` reports, averaged over the examples trained on.
+    """
+
+    def init(shared, info: ClientInfo, key):
+        params, model_state = shared
+        zero = jnp.zeros((), jnp.float32)
+        class_weights = None
+        if objective.class_prior is not None:
+            class_weights = importance_table(objective.class_prior, info.label_histogram)
+        return ClientState(
+            params=params,
+            opt_state=optimizer.init(params),
+            model_state=model_state,
+            rng=key,
+            steps=jnp.zeros((), jnp.int32),
+            class_weights=class_weights,
+            loss_sum=zero,
+            metric_sums={name: zero for name in metric_names},
+            num_trained=zero,
+        )
+
+    def step(shared, state: ClientState, batch, mask):
+        server_params, _ = shared
+        mask = mask.astype(jnp.float32)
+        key = jax.random.fold_in(state.rng, state.steps)
+        if state.class_weights is None:
+            example_weights = jnp.ones_like(mask)
+        else:
+            example_weights = state.class_weights[batch[objective.label_key]]
+
+        def value(params):
+            losses, out = loss_fn(params, state.model_state, batch, key)
+            total = objective_value(objective, losses, mask, example_weights, params, server_params)
+            return total, (losses, out)
+
+        grads, (losses, out) = jax.grad(value, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        candidate = state.replace(
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+            model_state=out.model_state,
+            steps=state.steps + 1,
+            loss_sum=state.loss_sum + jnp.sum(losses * mask),
+            metric_sums={
+                name: state.metric_sums[name] + jnp.sum(out.metrics[name] * mask)
+                for name in state.metric_sums
+            },
+            num_trained=state.num_trained + jnp.sum(mask),
+        )
+        # An all-padding batch must leave no trace: no step, no momentum, no weight decay.
+        active = jnp.any(mask > 0)
+        return jax.tree.map(lambda new, old: jnp.where(active, new, old), candidate, state)
+
+    def final(shared, state: ClientState, info: ClientInfo) -> ClientContribution:
+        server_params, server_model_state = shared
+        delta = jax.tree.map(jnp.subtract, state.params, server_params)
+        finite = _all_finite(delta) & _all_finite(state.model_state)
+        real = info.num_examples > 0
+        weight = jnp.where(finite & real, client_weight(info), 0.0).astype(jnp.float32)
+        # NaN * 0 is NaN: zero the update itself, not just its weight.
+        safe = lambda tree: jax.tree.map(lambda x: jnp.where(finite, x, 0.0) * weight, tree)
+        return ClientContribution(
+            weighted_delta=safe(delta),
+            weighted_model_state=safe(state.model_state),
+            weight=weight,
+            loss_sum=jnp.where(finite, state.loss_sum, 0.0),
+            metric_sums={k: jnp.where(finite, v, 0.0) for k, v in state.metric_sums.items()},
+            num_trained=jnp.where(finite, state.num_trained, 0.0),
+            num_clients=real.astype(jnp.float32),
+            num_nonfinite=(real & ~finite).astype(jnp.float32),
+        )
+
+    return ClientProgram(init=init, step=step, final=final)

@@ -1,0 +1,250 @@
+"""Composition of the building blocks into a `FederatedAlgorithm`, and the named presets.
+
+Every axis of Hsu, Qi and Brown (2020, Table 1) is a separate argument, so FedAvgM + FedIR +
+FedVC is one call:
+
+    fedavgm(loss_fn, 0.05, server_momentum=0.9,
+            objective=ClientObjective(class_prior=p), **virtual_clients(64))
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import optax
+
+from fedjax_cv.algorithms import sampling
+from fedjax_cv.algorithms.base import FederatedAlgorithm, PerExampleLoss
+from fedjax_cv.algorithms.client import ClientObjective, client_program
+from fedjax_cv.algorithms.sampling import ClientSampler, ExampleSampler
+from fedjax_cv.algorithms.server import (
+    aggregation_weight,
+    server_init,
+    server_optimizer,
+    server_update,
+)
+from fedjax_cv.engine.strategies import (
+    HostLoop,
+    resolve_strategy,
+    shard_cohort,
+    sum_over_clients,
+)
+
+
+def client_sgd(
+    learning_rate: float, momentum: float = 0.0, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
+    """Local SGD with optional momentum and L2 weight decay (decay added to the gradient)."""
+    for field, value in (
+        ("algorithm.client.learning_rate", learning_rate),
+        ("algorithm.client.weight_decay", weight_decay),
+    ):
+        if not value >= 0:
+            raise ValueError(f"{field}={value!r} is not allowed; must be >= 0")
+    if not 0 <= momentum < 1:
+        raise ValueError(
+            f"algorithm.client.momentum={momentum!r} is not allowed; must be in [0, 1)"
+        )
+    sgd = optax.sgd(learning_rate, momentum=momentum or None)
+    if weight_decay:
+        return optax.chain(optax.add_decayed_weights(weight_decay), sgd)
+    return sgd
+
+
+def federated_algorithm(
+    loss_fn: PerExampleLoss,
+    *,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    objective: ClientObjective | None = None,
+    aggregation: str = "weighted",
+    client_sampler: ClientSampler | None = None,
+    example_sampler: ExampleSampler | None = None,
+    metric_names: tuple[str, ...] = (),
+    strategy: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+    unroll: int | bool = 1,
+    donate: bool = True,
+) -> FederatedAlgorithm:
+    """Composes one federated algorithm from its axes.
+
+    `strategy` picks how clients execute ('auto', 'vmap', 'sequential', 'host'; see
+    `fedjax_cv.engine.strategies`); with a `mesh` the client axis is sharded over its
+    `clients` axis. With `donate`, `apply` donates the state passed to it: use the state it
+    returns, not the one passed in.
+    """
+    objective = objective or ClientObjective()
+    if objective.proximal_mu < 0:
+        raise ValueError(
+            f"algorithm.client.proximal_mu={objective.proximal_mu!r} is not allowed; must be >= 0"
+        )
+    resolve_strategy(strategy, {})  # rejects an unknown name now, not at the first round
+    program = client_program(
+        loss_fn, client_optimizer, objective, aggregation_weight(aggregation), metric_names
+    )
+    update = functools.partial(server_update, server_optimizer)
+    donate_argnums = (0,) if donate else ()
+
+    def compiled_round(strategy_name):
+        def round_fn(state, cohort, rng):
+            shared = (state.params, state.model_state)
+            total = sum_over_clients(
+                program, shared, cohort, rng, strategy=strategy_name, mesh=mesh, unroll=unroll
+            )
+            return update(state, total)
+
+        return jax.jit(round_fn, donate_argnums=donate_argnums)
+
+    def host_round():
+        loop = HostLoop(program)
+        jitted_update = jax.jit(update, donate_argnums=donate_argnums)
+
+        def round_fn(state, cohort, rng):
+            total = loop((state.params, state.model_state), cohort, rng)
+            return jitted_update(state, total)
+
+        return round_fn
+
+    rounds = {}
+
+    def apply(state, cohort, rng):
+        name = resolve_strategy(strategy, state.params)
+        if name not in rounds:
+            rounds[name] = host_round() if name == "host" else compiled_round(name)
+        if name != "host":
+            cohort = shard_cohort(cohort, mesh)
+        return rounds[name](state, cohort, rng)
+
+    return FederatedAlgorithm(
+        init=functools.partial(server_init, server_optimizer),
+        apply=apply,
+        client_sampler=client_sampler or sampling.uniform_clients(),
+        example_sampler=example_sampler or sampling.local_epochs(1),
+        strategy=strategy,
+    )
+
+
+def virtual_clients(size: int) -> dict:
+    """FedVC's three axes (Hsu, Qi and Brown 2020): clients drawn in proportion to their size,
+    exactly `size` examples each, plain mean. Pass as `**virtual_clients(size)`."""
+    return dict(
+        client_sampler=sampling.size_proportional_clients(),
+        example_sampler=sampling.virtual_client(size),
+        aggregation="mean",
+    )
+
+
+def _check_server(learning_rate: float, momentum: float = 0.0) -> None:
+    if not learning_rate >= 0:
+        raise ValueError(
+            f"algorithm.server.learning_rate={learning_rate!r} is not allowed; must be >= 0"
+        )
+    if not 0 <= momentum < 1:
+        raise ValueError(
+            f"algorithm.server.momentum={momentum!r} is not allowed; must be in [0, 1)"
+        )
+
+
+def fedavg(
+    loss_fn: PerExampleLoss,
+    client_learning_rate: float,
+    *,
+    client_momentum: float = 0.0,
+    client_weight_decay: float = 0.0,
+    local_epochs: int = 1,
+    server_learning_rate: float = 1.0,
+    server_momentum: float = 0.0,
+    **options,
+) -> FederatedAlgorithm:
+    """FedAvg (McMahan et al. 2017): local SGD, n_k-weighted mean of the client models.
+
+    `options` go to `federated_algorithm` (objective, samplers, aggregation, strategy...).
+    """
+    _check_server(server_learning_rate, server_momentum)
+    options.setdefault("example_sampler", sampling.local_epochs(local_epochs))
+    return federated_algorithm(
+        loss_fn,
+        client_optimizer=client_sgd(client_learning_rate, client_momentum, client_weight_decay),
+        server_optimizer=server_optimizer("sgd", server_learning_rate, server_momentum),
+        **options,
+    )
+
+
+def fedavgm(
+    loss_fn: PerExampleLoss,
+    client_learning_rate: float,
+    *,
+    server_learning_rate: float = 1.0,
+    server_momentum: float = 0.9,
+    **options,
+) -> FederatedAlgorithm:
+    """FedAvgM (Hsu, Qi and Brown 2019): server momentum on the averaged client delta."""
+    return fedavg(
+        loss_fn,
+        client_learning_rate,
+        server_learning_rate=server_learning_rate,
+        server_momentum=server_momentum,
+        **options,
+    )
+
+
+def fedopt(
+    loss_fn: PerExampleLoss,
+    client_learning_rate: float,
+    *,
+    server_optimizer_name: str = "adam",
+    server_learning_rate: float = 1e-2,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    eps: float = 1e-3,
+    client_momentum: float = 0.0,
+    client_weight_decay: float = 0.0,
+    local_epochs: int = 1,
+    **options,
+) -> FederatedAlgorithm:
+    """FedOpt (Reddi et al. 2021): FedAdam, FedYogi or FedAdagrad on the pseudo-gradient."""
+    _check_server(server_learning_rate)
+    options.setdefault("example_sampler", sampling.local_epochs(local_epochs))
+    return federated_algorithm(
+        loss_fn,
+        client_optimizer=client_sgd(client_learning_rate, client_momentum, client_weight_decay),
+        server_optimizer=server_optimizer(
+            server_optimizer_name, server_learning_rate, b1=b1, b2=b2, eps=eps
+        ),
+        **options,
+    )
+
+
+def fedprox(
+    loss_fn: PerExampleLoss, client_learning_rate: float, *, proximal_mu: float = 0.01, **options
+) -> FederatedAlgorithm:
+    """FedProx (Li et al. 2020): FedAvg whose clients add mu/2 ||w - w_server||^2."""
+    objective = options.pop("objective", ClientObjective())
+    return fedavg(
+        loss_fn,
+        client_learning_rate,
+        objective=objective._replace(proximal_mu=proximal_mu),
+        **options,
+    )
+
+
+def fedir(
+    loss_fn: PerExampleLoss, client_learning_rate: float, *, class_prior, **options
+) -> FederatedAlgorithm:
+    """FedIR (Hsu, Qi and Brown 2020): examples weighted by p(y) / q_k(y), self-normalised."""
+    objective = options.pop("objective", ClientObjective())
+    return fedavg(
+        loss_fn,
+        client_learning_rate,
+        objective=objective._replace(class_prior=jax.numpy.asarray(class_prior)),
+        **options,
+    )
+
+
+def fedvc(
+    loss_fn: PerExampleLoss, client_learning_rate: float, *, virtual_client_size: int, **options
+) -> FederatedAlgorithm:
+    """FedVC (Hsu, Qi and Brown 2020): virtual clients of exactly `virtual_client_size`
+    examples, drawn in proportion to client size, averaged with equal weight."""
+    return fedavg(loss_fn, client_learning_rate, **virtual_clients(virtual_client_size), **options)

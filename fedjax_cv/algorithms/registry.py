@@ -1,0 +1,112 @@
+"""Algorithms by name, built from `config.algorithm`.
+
+The name picks defaults along the axes of Hsu, Qi and Brown (2020); the config's other
+fields switch further axes on, so names compose: `fedavgm` with `client.importance_weighting`
+and `virtual_client_size` is FedAvgM + FedIR + FedVC.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedjax_cv.algorithms import sampling
+from fedjax_cv.algorithms.base import FederatedAlgorithm, PerExampleLoss
+from fedjax_cv.algorithms.client import ClientObjective
+from fedjax_cv.algorithms.compose import client_sgd, federated_algorithm
+from fedjax_cv.algorithms.server import server_optimizer
+
+ALGORITHMS = ("fedavg", "fedavgm", "fedopt", "fedprox", "fedir", "fedvc")
+_SERVER_OPTIMIZER = {"fedopt": "adam"}
+
+
+def check_algorithm_config(config) -> None:
+    """Rules that tie a name to its fields; raises ValueError naming the field."""
+    name = config.name
+    if name not in ALGORITHMS:
+        raise ValueError(f"algorithm.name={name!r} is unknown; known: {', '.join(ALGORITHMS)}")
+    if name == "fedavgm" and not 0 < config.server.momentum < 1:
+        raise ValueError(
+            f"algorithm.server.momentum={config.server.momentum!r} is not allowed with fedavgm; "
+            "must be in (0, 1)"
+        )
+    if name == "fedprox" and not config.client.proximal_mu > 0:
+        raise ValueError(
+            f"algorithm.client.proximal_mu={config.client.proximal_mu!r} is not allowed with "
+            "fedprox; must be > 0"
+        )
+    if name == "fedvc" and not config.virtual_client_size > 0:
+        raise ValueError(
+            f"algorithm.virtual_client_size={config.virtual_client_size!r} is not allowed with "
+            "fedvc; must be a positive integer"
+        )
+    if name == "fedopt" and config.server.optimizer not in ("auto", "adam", "yogi", "adagrad"):
+        raise ValueError(
+            f"algorithm.server.optimizer={config.server.optimizer!r} is not allowed with fedopt; "
+            "allowed: adam, yogi, adagrad"
+        )
+
+
+def _by_name(value: str, default: str) -> str:
+    return default if value == "auto" else value
+
+
+def build_algorithm(
+    config,
+    loss_fn: PerExampleLoss,
+    *,
+    class_prior: np.ndarray | None = None,
+    metric_names: tuple[str, ...] = (),
+    mesh: Any = None,
+    donate: bool = True,
+) -> FederatedAlgorithm:
+    """The algorithm `config.algorithm` describes (see the module docstring)."""
+    check_algorithm_config(config)
+    virtual = config.virtual_client_size > 0
+    if virtual:
+        example_sampler = sampling.virtual_client(config.virtual_client_size)
+    else:
+        example_sampler = sampling.local_epochs(config.local_epochs)
+    client_sampling = _by_name(
+        config.client_sampling, "size_proportional" if virtual else "uniform"
+    )
+    samplers = {
+        "uniform": sampling.uniform_clients,
+        "size_proportional": sampling.size_proportional_clients,
+    }
+    if client_sampling not in samplers:
+        raise ValueError(
+            f"algorithm.client_sampling={client_sampling!r} is unknown; "
+            f"allowed: {', '.join(samplers)}"
+        )
+    importance = config.client.importance_weighting or config.name == "fedir"
+    if importance and class_prior is None:
+        raise ValueError("algorithm.client.importance_weighting needs the data's class prior")
+    objective = ClientObjective(
+        class_prior=np.asarray(class_prior, np.float32) if importance else None,
+        proximal_mu=config.client.proximal_mu,
+    )
+    server = config.server
+    return federated_algorithm(
+        loss_fn,
+        client_optimizer=client_sgd(
+            config.client.learning_rate, config.client.momentum, config.client.weight_decay
+        ),
+        server_optimizer=server_optimizer(
+            _by_name(server.optimizer, _SERVER_OPTIMIZER.get(config.name, "sgd")),
+            server.learning_rate,
+            server.momentum,
+            b1=server.b1,
+            b2=server.b2,
+            eps=server.eps,
+        ),
+        objective=objective,
+        aggregation=_by_name(config.aggregation, "mean" if virtual else "weighted"),
+        client_sampler=samplers[client_sampling](),
+        example_sampler=example_sampler,
+        metric_names=metric_names,
+        strategy=config.strategy,
+        mesh=mesh,
+        donate=donate,
+    )

@@ -1,0 +1,83 @@
+"""The base of every training config: all keys, with defaults. Experiments override it.
+
+Keys marked "by name" hold "auto" and take the named algorithm's choice.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import ml_collections
+
+
+def default_data_root() -> str:
+    """$FEDJAX_CV_DATA, else ../shared/data relative to the repository."""
+    env = os.environ.get("FEDJAX_CV_DATA")
+    if env:
+        return env
+    return str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.num_rounds = 100
+    config.eval_every_rounds = 10
+    config.log_every_rounds = 1
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_rounds = 10
+    config.checkpoint.keep = 3
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "cnn_hsu"
+    config.model.norm = "auto"  # "auto": the model's own default
+
+    config.algorithm = ml_collections.ConfigDict()
+    config.algorithm.name = "fedavg"
+    config.algorithm.clients_per_round = 10
+    config.algorithm.local_epochs = 1
+    config.algorithm.batch_size = 10
+    config.algorithm.virtual_client_size = 0  # > 0: FedVC virtual clients of this many examples
+    config.algorithm.client_sampling = "auto"  # by name: uniform | size_proportional
+    config.algorithm.aggregation = "auto"  # by name: weighted | mean
+    config.algorithm.strategy = "auto"  # auto | vmap | sequential | host
+    config.algorithm.client = ml_collections.ConfigDict()
+    config.algorithm.client.learning_rate = 0.05
+    config.algorithm.client.momentum = 0.0
+    config.algorithm.client.weight_decay = 0.0
+    config.algorithm.client.proximal_mu = 0.0
+    config.algorithm.client.importance_weighting = False  # FedIR
+    config.algorithm.server = ml_collections.ConfigDict()
+    config.algorithm.server.optimizer = "auto"  # by name: sgd | adam | yogi | adagrad
+    config.algorithm.server.learning_rate = 1.0
+    config.algorithm.server.momentum = 0.0
+    config.algorithm.server.b1 = 0.9
+    config.algorithm.server.b2 = 0.99
+    config.algorithm.server.eps = 1e-3
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "shapes"
+    config.data.root = default_data_root()
+    config.data.num_clients = 100
+    config.data.num_classes = 4
+    config.data.image_size = 28
+    config.data.num_train_examples = 10_000
+    config.data.num_test_examples = 2_000
+    config.data.partition = ml_collections.ConfigDict()
+    config.data.partition.name = "dirichlet"
+    config.data.partition.alpha = 1.0
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 500
+    return config
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """'runlocal,alpha=0.5' -> {'runlocal': '', 'alpha': '0.5'}."""
+    out = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,47 @@
+"""A federated dataset: a train split cut into clients, and a held-out test split."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from fedjax_cv.data import partition as partition_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedDataset:
+    """Examples as dicts of arrays with a leading example axis; `clients[k]` indexes `train`."""
+
+    name: str
+    train: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    clients: tuple[np.ndarray, ...]
+    num_classes: int
+    class_names: tuple[str, ...] = ()
+    label_key: str = "label"
+
+    @property
+    def client_sizes(self) -> np.ndarray:
+        return np.array([len(c) for c in self.clients], np.int64)
+
+    @functools.cached_property
+    def label_histograms(self) -> np.ndarray:
+        """[num_clients, num_classes] label counts of the train split."""
+        return partition_lib.label_histograms(
+            self.train[self.label_key], self.clients, self.num_classes
+        )
+
+    def class_prior(self) -> np.ndarray:
+        """The label distribution of the union of all clients (FedIR's p)."""
+        counts = self.label_histograms.sum(axis=0).astype(np.float64)
+        return counts / counts.sum()
+
+    def stats(self) -> dict:
+        histograms = self.label_histograms
+        return {
+            "num_examples": int(self.client_sizes.sum()),
+            "client_sizes": self.client_sizes.tolist(),
+            "mean_emd": partition_lib.mean_emd(histograms),
+        }

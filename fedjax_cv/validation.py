@@ -1,0 +1,112 @@
+"""Checks of a training config before anything is written.
+
+Each failure is a `ConfigError`: one line naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fedjax_cv.algorithms.registry import check_algorithm_config
+from fedjax_cv.algorithms.server import AGGREGATIONS, SERVER_OPTIMIZERS
+from fedjax_cv.data.partition import PARTITIONERS
+from fedjax_cv.data.registry import DATASETS
+from fedjax_cv.engine.strategies import STRATEGIES
+from fedjax_cv.models import NORMS, model_names
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed."""
+
+
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def _number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# (field, test, what is allowed)
+_RULES = [
+    ("seed", lambda v: _integer(v) and v >= 0, "a non-negative integer"),
+    ("num_rounds", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("eval_every_rounds", lambda v: _integer(v) and v > 0, "a positive integer"),
+    ("log_every_rounds", lambda v: _integer(v) and v > 0, "a positive integer"),
+    ("checkpoint.every_rounds", lambda v: _integer(v) and v > 0, "a positive integer"),
+    ("checkpoint.keep", lambda v: _integer(v) and v > 0, "a positive integer"),
+    ("model.name", lambda v: v in model_names(), f"one of {', '.join(model_names())}"),
+    ("model.norm", lambda v: v in ("auto",) + NORMS, f"one of auto, {', '.join(NORMS)}"),
+    ("algorithm.clients_per_round", lambda v: _integer(v) and v > 0, "a positive integer"),
+    ("algorithm.local_epochs", lambda v: _integer(v) and v > 0, "a positive integer"),
+    ("algorithm.batch_size", lambda v: _integer(v) and v > 0, "a positive integer"),
+    ("algorithm.virtual_client_size", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("algorithm.strategy", lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+    (
+        "algorithm.aggregation",
+        lambda v: v in ("auto",) + AGGREGATIONS,
+        f"one of auto, {', '.join(AGGREGATIONS)}",
+    ),
+    (
+        "algorithm.client_sampling",
+        lambda v: v in ("auto", "uniform", "size_proportional"),
+        "one of auto, uniform, size_proportional",
+    ),
+    ("algorithm.client.learning_rate", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("algorithm.client.momentum", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("algorithm.client.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("algorithm.client.proximal_mu", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    (
+        "algorithm.server.optimizer",
+        lambda v: v in ("auto",) + SERVER_OPTIMIZERS,
+        f"one of auto, {', '.join(SERVER_OPTIMIZERS)}",
+    ),
+    ("algorithm.server.learning_rate", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("algorithm.server.momentum", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("algorithm.server.b1", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("algorithm.server.b2", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("algorithm.server.eps", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("data.name", lambda v: v in DATASETS, f"one of {', '.join(sorted(DATASETS))}"),
+    ("data.num_clients", lambda v: _integer(v) and v > 0, "a positive integer"),
+    (
+        "data.partition.name",
+        lambda v: v in PARTITIONERS,
+        f"one of {', '.join(sorted(PARTITIONERS))}",
+    ),
+    ("eval.batch_size", lambda v: _integer(v) and v > 0, "a positive integer"),
+]
+
+
+def validate_config(config) -> None:
+    """Raises ConfigError on the first field that is not allowed."""
+    for field, test, allowed in _RULES:
+        try:
+            value = _get(config, field)
+        except (KeyError, AttributeError):
+            raise ConfigError(f"{field} is missing from the config; must be {allowed}") from None
+        if not test(value):
+            raise ConfigError(f"{field}={value!r} is not allowed; must be {allowed}")
+    partition = config.data.partition
+    if partition.name in ("dirichlet", "lda") and not (
+        _number(partition.get("alpha")) and partition.alpha > 0
+    ):
+        raise ConfigError(
+            f"data.partition.alpha={partition.get('alpha')!r} is not allowed; must be > 0"
+        )
+    algorithm = config.algorithm
+    if algorithm.clients_per_round > config.data.num_clients:
+        raise ConfigError(
+            f"algorithm.clients_per_round={algorithm.clients_per_round} is not allowed; must be "
+            f"at most data.num_clients={config.data.num_clients}"
+        )
+    try:
+        check_algorithm_config(algorithm)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
