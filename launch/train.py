@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fedjax_cv.train import train_and_evaluate
@@ -23,16 +23,31 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, config a
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _fail(message: str) -> None:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a misspelled or mistyped `--config.<key>` as one error line."""
+    try:
+        return flags.FLAGS(argv)
+    except KeyError as error:  # ml_collections: unknown key, with a did-you-mean hint
+        _fail(f"unknown config key {error.args[0] if error.args else error}")
+    except (flags.Error, ValueError, TypeError, AttributeError) as error:
+        _fail(error)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines off the console
     try:
         record = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _fail(error)
     print({k: v for k, v in record.items()})
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -96,6 +96,6 @@ def server_update(
         "num_clients": total.num_clients,
         "num_examples": total.num_trained,
         "num_nonfinite_clients": total.num_nonfinite,
-        "delta_norm": optax.global_norm(mean_delta),
+        "delta_norm": optax.tree.norm(mean_delta),
     }
     return new_state, metrics

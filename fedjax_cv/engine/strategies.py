@@ -49,12 +49,20 @@ def _run_one_client(program: ClientProgram, shared, info, examples, mask, round_
     return program.final(shared, state, info)
 
 
+def sum_leading_axis(x: jax.Array) -> jax.Array:
+    """Sum over axis 0. For floats as a dot with ones: XLA:CPU reduces over a major axis up to
+    70x slower than it contracts one (13 ms vs 0.18 ms for [10, 784, 62] here)."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.sum(x, axis=0)
+    return jnp.tensordot(jnp.ones(x.shape[0], x.dtype), x, axes=1)
+
+
 def _sum_vmap(program, shared, cohort: Cohort, round_key, unroll=1):
     run = functools.partial(_run_one_client, program, unroll=unroll)
     per_client = jax.vmap(run, in_axes=(None, 0, 0, 0, None))(
         shared, cohort.clients, cohort.examples, cohort.mask, round_key
     )
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0), per_client)
+    return jax.tree.map(sum_leading_axis, per_client)
 
 
 def _sum_sequential(program, shared, cohort: Cohort, round_key, unroll=1):
@@ -104,6 +112,9 @@ def sum_over_clients(
         mesh=mesh,
         in_specs=(P(), P(CLIENT_AXIS), P()),
         out_specs=P(),
+        # Client state starts from replicated server values and diverges per device; the
+        # varying-axis type check would demand casts at every carry for no safety gain here.
+        check_vma=False,
     )
     return sharded(shared, cohort, round_key)
 
