@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_rounds = 10
     config.checkpoint.keep = 3
+    config.checkpoint.allow_config_change = False  # resume a workdir made with another config
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "cnn_hsu"
@@ -65,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.image_size = 28
     config.data.num_train_examples = 10_000
     config.data.num_test_examples = 2_000
+    config.data.poisoned_clients = 0  # fault injection: clients 0..n-1 get NaN images
     config.data.partition = ml_collections.ConfigDict()
     config.data.partition.name = "dirichlet"
     config.data.partition.alpha = 1.0

@@ -12,7 +12,10 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
+import signal
+import threading
 import time
 from typing import Any
 
@@ -23,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from fedjax_cv import checkpointing
 from fedjax_cv.algorithms.registry import build_algorithm
 from fedjax_cv.data.cohort import CohortBuilder, prepare, test_batches
 from fedjax_cv.data.federated import FederatedDataset
@@ -82,6 +86,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         clients_per_round=config.algorithm.clients_per_round,
         batch_size=config.algorithm.batch_size,
         seed=config.seed,
+        poisoned_clients=config.data.poisoned_clients,
     )
     return Experiment(
         config=config,
@@ -105,18 +110,20 @@ def evaluate(experiment: Experiment, state) -> dict[str, float]:
     return {f"eval/{key}": value / count for key, value in totals.items()}
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (every client non-finite, server params non-finite)."""
+
+
 class MetricsWriter:
-    """Appends JSON lines to metrics.jsonl; on resume it drops lines past the checkpoint."""
+    """Appends JSON lines to metrics.jsonl; on resume it drops lines past the checkpoint
+    (they are recomputed identically) and a line cut short by a kill."""
 
     def __init__(self, path: pathlib.Path, resume_round: int):
-        self._path = path
         if path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["round"] <= resume_round
-            ]
-            if len(kept) != len(path.read_text().splitlines()):
+            lines = path.read_text().splitlines()
+            kept = [line for line in lines if _round_of(line) is not None]
+            kept = [line for line in kept if _round_of(line) <= resume_round]
+            if kept != lines:
                 path.write_text("".join(line + "\n" for line in kept))
         self._file = open(path, "a")
 
@@ -128,45 +135,100 @@ class MetricsWriter:
         self._file.close()
 
 
-def _checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True)
-    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+def _round_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["round"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class _StopRequest:
+    """Turns SIGTERM / SIGINT into a request to finish the round, save and exit 0."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items()}
 
 
+def _check_resumable(experiment: Experiment, workdir: pathlib.Path) -> int | None:
+    """The round to resume from (None: fresh start); refuses a mismatched workdir."""
+    config = experiment.config
+    allow = config.checkpoint.allow_config_change
+    saved = checkpointing.read_saved_config(workdir)
+    difference = None if saved is None else checkpointing.config_difference(saved, config)
+    if difference and not allow:
+        raise ConfigError(
+            f"cannot resume in {workdir}: {difference}; use the same config, another workdir, "
+            "or --config.checkpoint.allow_config_change=True"
+        )
+    step = checkpointing.latest_step(workdir)
+    if step is not None and step < config.num_rounds:
+        manager = checkpointing.manager(workdir, config.checkpoint.keep)
+        difference = checkpointing.state_difference(manager, step, experiment.initial_state)
+        manager.close()
+        if difference:
+            raise ConfigError(f"cannot resume in {workdir}: {difference}")
+    return step
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) the experiment of `config` in `workdir`; returns the last record."""
-    experiment = build_experiment(config)  # all input errors surface here, before any write
+    experiment = build_experiment(config)  # input errors surface here, before any write
     workdir_path = pathlib.Path(workdir)
+    resume_step = _check_resumable(experiment, workdir_path)
+    metrics_path = workdir_path / "metrics.jsonl"
+    num_rounds = config.num_rounds
+    if resume_step is not None and resume_step >= num_rounds and metrics_path.exists():
+        lines = [line for line in metrics_path.read_text().splitlines() if _round_of(line)]
+        return json.loads(lines[-1]) if lines else {"round": resume_step}
+
     workdir_path.mkdir(parents=True, exist_ok=True)
     config_json = workdir_path / "config.json"
     if not config_json.exists():
         config_json.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-
-    manager = _checkpoint_manager(workdir_path, config)
-    state = experiment.initial_state
-    start_round = 0
-    latest = manager.latest_step()
-    if latest is not None:
-        state = manager.restore(latest, args=ocp.args.StandardRestore(state))
-        start_round = int(latest)
-    num_rounds = config.num_rounds
-    metrics_path = workdir_path / "metrics.jsonl"
-    if start_round >= num_rounds and metrics_path.exists() and latest is not None:
-        manager.close()
-        last = metrics_path.read_text().splitlines()[-1]
-        return json.loads(last)
-
+    manager = checkpointing.manager(workdir_path, config.checkpoint.keep)
+    state, start_round = experiment.initial_state, 0
+    if resume_step is not None:
+        state = manager.restore(resume_step, args=ocp.args.StandardRestore(state))
+        start_round = resume_step
     writer = MetricsWriter(metrics_path, start_round)
+    try:
+        record = _run_rounds(experiment, state, start_round, manager, writer)
+    finally:
+        writer.close()
+        manager.wait_until_finished()
+        manager.close()
+    return record
+
+
+def _run_rounds(experiment, state, start_round, manager, writer) -> dict[str, Any]:
+    config = experiment.config
+    num_rounds = config.num_rounds
     train_key = jax.random.fold_in(experiment.root_key, _TRAIN_STREAM)
+    kill_round = int(os.environ.get("FEDJAX_CV_FAULT_KILL_DURING_SAVE", "0"))
     record: dict[str, Any] = {"round": start_round}
+    last_saved = start_round
     progress = tqdm(
         total=num_rounds, initial=start_round, desc="rounds", unit="round", dynamic_ncols=True
     )
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as prefetch:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as prefetch, _StopRequest() as stop:
         next_cohort = prefetch.submit(experiment.cohorts, start_round)
         for round_index in range(start_round, num_rounds):
             cohort = next_cohort.result()
@@ -176,11 +238,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, round_metrics = experiment.algorithm.apply(
                 state, cohort, jax.random.fold_in(train_key, round_index)
             )
+            train = _jsonable(jax.device_get(round_metrics))
+            train["examples_per_s"] = train["num_examples"] / (time.perf_counter() - started)
             completed = round_index + 1
+            _check_finite(train, completed, last_saved)
             record = {"round": completed}
             if completed % config.log_every_rounds == 0 or completed == num_rounds:
-                train = _jsonable(jax.device_get(round_metrics))
-                train["examples_per_s"] = train["num_examples"] / (time.perf_counter() - started)
                 record.update({f"train/{k}": v for k, v in train.items()})
             if completed % config.eval_every_rounds == 0 or completed == num_rounds:
                 record.update(evaluate(experiment, state))
@@ -188,33 +251,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 record["params_sha256"] = params_sha256(state.params)
             if len(record) > 1:
                 writer.write(record)
-            if completed % config.checkpoint.every_rounds == 0 or completed == num_rounds:
+            periodic = completed % config.checkpoint.every_rounds == 0
+            if periodic or completed == num_rounds or stop.signal is not None:
                 manager.save(completed, args=ocp.args.StandardSave(state))
+                last_saved = completed
+                if completed == kill_round:  # test-only fault: die while the save is in flight
+                    os.kill(os.getpid(), signal.SIGKILL)
             progress.update(1)
             progress.set_postfix(
                 {
                     k.split("/")[-1]: f"{record[k]:.3f}"
-                    for k in (
-                        "train/loss",
-                        "train/accuracy",
-                        "eval/accuracy",
-                        "train/examples_per_s",
-                    )
+                    for k in ("train/loss", "train/accuracy", "eval/accuracy")
                     if k in record
                 }
+                | {"ex/s": f"{train['examples_per_s']:.0f}"}
             )
+            if stop.signal is not None:
+                progress.write(f"signal {stop.signal}: saved round {completed}, exiting")
+                record = {**record, "stopped_by_signal": stop.signal}
+                break
     progress.close()
     if num_rounds == 0:
-        record = {
-            "round": 0,
-            **evaluate(experiment, state),
-            "params_sha256": params_sha256(state.params),
-        }
+        record = {"round": 0, **evaluate(experiment, state)}
+        record["params_sha256"] = params_sha256(state.params)
         writer.write(record)
-    writer.close()
-    manager.wait_until_finished()
-    manager.close()
     return record
 
 
-__all__ = ["ConfigError", "build_experiment", "params_sha256", "train_and_evaluate"]
+def _check_finite(train: dict[str, float], completed: int, last_saved: int) -> None:
+    if train["num_clients"] > 0 and train["num_nonfinite_clients"] == train["num_clients"]:
+        raise TrainingError(
+            f"round {completed}: all {train['num_clients']:.0f} clients returned non-finite "
+            f"updates; stopped with the last checkpoint (round {last_saved}) intact"
+        )
+    if train.pop("nonfinite_params", 0.0):
+        raise TrainingError(
+            f"round {completed}: the server params became non-finite; stopped with the last "
+            f"checkpoint (round {last_saved}) intact"
+        )
+
+
+__all__ = [
+    "ConfigError",
+    "TrainingError",
+    "build_experiment",
+    "params_sha256",
+    "train_and_evaluate",
+]

@@ -75,6 +75,8 @@ _RULES = [
     ("algorithm.server.eps", lambda v: _number(v) and v > 0, "a number > 0"),
     ("data.name", lambda v: v in DATASETS, f"one of {', '.join(sorted(DATASETS))}"),
     ("data.num_clients", lambda v: _integer(v) and v > 0, "a positive integer"),
+    ("data.poisoned_clients", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("checkpoint.allow_config_change", lambda v: isinstance(v, bool), "True or False"),
     (
         "data.partition.name",
         lambda v: v in PARTITIONERS,

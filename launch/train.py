@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fedjax_cv.train import train_and_evaluate
+from fedjax_cv.train import TrainingError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -46,6 +46,9 @@ def main(argv):
         record = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError) as error:
         _fail(error)
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     print({k: v for k, v in record.items()})
 
 

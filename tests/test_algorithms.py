@@ -123,9 +123,7 @@ def test_client_momentum_and_weight_decay_restart_every_round():
     state, _ = run_rounds(algorithm, cohorts)
     w = {k: np.asarray(v, np.float64) for k, v in lp.initial_params().items()}
     for cohort in cohorts:
-        finals = [
-            lp.local_sgd(w, cohort, c, LR, momentum=0.9, weight_decay=0.01) for c in range(3)
-        ]
+        finals = [lp.local_sgd(w, cohort, c, LR, momentum=0.9, weight_decay=0.01) for c in range(3)]
         delta = lp.mean_delta(w, cohort, finals, cohort.clients.num_examples)
         w = {k: w[k] + delta[k] for k in w}
     assert_params_close(state.params, w)

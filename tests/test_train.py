@@ -67,13 +67,20 @@ def test_same_seed_same_digest_other_seed_other(tmp_path):
     "algorithm",
     [
         {"algorithm.name": "fedavgm", "algorithm.server.momentum": 0.9},
-        {"algorithm.name": "fedopt", "algorithm.server.optimizer": "yogi",
-         "algorithm.server.learning_rate": 0.01},
+        {
+            "algorithm.name": "fedopt",
+            "algorithm.server.optimizer": "yogi",
+            "algorithm.server.learning_rate": 0.01,
+        },
         {"algorithm.name": "fedprox", "algorithm.client.proximal_mu": 0.1},
         {"algorithm.name": "fedir"},
         {"algorithm.name": "fedvc", "algorithm.virtual_client_size": 16},
-        {"algorithm.name": "fedavgm", "algorithm.server.momentum": 0.9,
-         "algorithm.client.importance_weighting": True, "algorithm.virtual_client_size": 16},
+        {
+            "algorithm.name": "fedavgm",
+            "algorithm.server.momentum": 0.9,
+            "algorithm.client.importance_weighting": True,
+            "algorithm.virtual_client_size": 16,
+        },
     ],
 )
 def test_every_algorithm_trains_from_a_config(tmp_path, algorithm):
@@ -124,9 +131,18 @@ def test_bad_config_values_fail_before_anything_is_written(tmp_path, key, value,
 def launch(workdir, *overrides, config="configs/shapes_fedavg.py:runlocal"):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run(
-        [sys.executable, "launch/train.py", f"--config={config}", f"--workdir={workdir}",
-         *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "launch/train.py",
+            f"--config={config}",
+            f"--workdir={workdir}",
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

@@ -84,7 +84,7 @@ class ClientContribution(NamedTuple):
     num_nonfinite: jax.Array
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
@@ -155,7 +155,7 @@ def client_program(
     def final(shared, state: ClientState, info: ClientInfo) -> ClientContribution:
         server_params, server_model_state = shared
         delta = jax.tree.map(jnp.subtract, state.params, server_params)
-        finite = _all_finite(delta) & _all_finite(state.model_state)
+        finite = all_finite(delta) & all_finite(state.model_state)
         real = info.num_examples > 0
         weight = jnp.where(finite & real, client_weight(info), 0.0).astype(jnp.float32)
         # NaN * 0 is NaN: zero the update itself, not just its weight.

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_cv.algorithms.base import Metrics, ServerState
-from fedjax_cv.algorithms.client import ClientContribution
+from fedjax_cv.algorithms.client import ClientContribution, all_finite
 
 AGGREGATIONS = ("weighted", "mean")
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
@@ -97,5 +97,6 @@ def server_update(
         "num_examples": total.num_trained,
         "num_nonfinite_clients": total.num_nonfinite,
         "delta_norm": optax.tree.norm(mean_delta),
+        "nonfinite_params": 1.0 - all_finite(new_state.params).astype(jnp.float32),
     }
     return new_state, metrics

@@ -41,6 +41,8 @@ class CohortBuilder:
     clients_per_round: int
     batch_size: int
     seed: int
+    # Fault injection for tests of non-finite handling: clients 0 .. n-1 train on NaN images.
+    poisoned_clients: int = 0
 
     @property
     def num_steps(self) -> int:
@@ -70,6 +72,9 @@ class CohortBuilder:
             positions[slot, : len(chosen)] = chosen
             mask[slot, : len(chosen)] = True
         examples = prepare({k: v[positions] for k, v in self.dataset.train.items()})
+        if self.poisoned_clients:
+            poisoned = ids < self.poisoned_clients
+            examples["image"][np.repeat(poisoned, slots)] = np.nan
         examples = {
             k: v.reshape((len(ids), steps, batch) + v.shape[2:]) for k, v in examples.items()
         }

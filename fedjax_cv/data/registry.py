@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import numpy as np
 
 from fedjax_cv.data import shapes
 from fedjax_cv.data.federated import FederatedDataset
-from fedjax_cv.data.partition import make_partition
+from fedjax_cv.data.partition import PARTITIONERS, make_partition
 
 DatasetBuilder = Callable[..., FederatedDataset]
 
 
 def partition_params(partition_config) -> dict:
-    """The partitioner's keyword arguments from `data.partition` (all keys but `name`)."""
-    params = {k: v for k, v in partition_config.items() if k != "name"}
-    if partition_config.name == "iid":
-        params.pop("alpha", None)
-    return params
+    """The keyword arguments of `data.partition` that its partitioner takes.
+
+    Every config carries `alpha`; partitioners without that parameter simply ignore it.
+    """
+    accepted = inspect.signature(PARTITIONERS[partition_config.name]).parameters
+    return {k: v for k, v in partition_config.items() if k != "name" and k in accepted}
 
 
 def shapes_dataset(data_config, seed: int) -> FederatedDataset:
