@@ -71,16 +71,18 @@ def _leaf_name(path) -> str:
 
 def _leaf_specs(tree) -> dict[str, tuple]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_leaf_name(p): (tuple(x.shape), np.dtype(x.dtype).name) for p, x in flat}
+    return {_leaf_name(p): _spec(x.shape, x.dtype) for p, x in flat}
+
+
+def _spec(shape, dtype) -> str:
+    return f"{np.dtype(dtype).name}{tuple(shape)}"
 
 
 def state_difference(manager: ocp.CheckpointManager, step: int, state) -> str | None:
     """The first leaf whose name, shape or dtype differs between checkpoint and state."""
     metadata = manager.item_metadata(step)
     saved = {
-        m.name: (tuple(m.shape), np.dtype(m.dtype).name)
-        for m in jax.tree.leaves(metadata)
-        if hasattr(m, "shape")
+        m.name: _spec(m.shape, m.dtype) for m in jax.tree.leaves(metadata) if hasattr(m, "shape")
     }
     current = _leaf_specs(state)
     for name in sorted(set(saved) | set(current)):

@@ -66,7 +66,10 @@ def local_sgd(params, cohort, c, lr, *, mu=0.0, momentum=0.0, weight_decay=0.0, 
 def mean_delta(params, cohort, finals, weights):
     weights = np.asarray(weights, np.float64)
     return {
-        k: sum(wt * (f[k] - np.asarray(params[k], np.float64)) for wt, f in zip(weights, finals))
+        k: sum(
+            wt * (f[k] - np.asarray(params[k], np.float64))
+            for wt, f in zip(weights, finals, strict=True)
+        )
         / weights.sum()
         for k in params
     }

@@ -74,7 +74,7 @@ class CohortBuilder:
         examples = prepare({k: v[positions] for k, v in self.dataset.train.items()})
         if self.poisoned_clients:
             poisoned = ids < self.poisoned_clients
-            examples["image"][np.repeat(poisoned, slots)] = np.nan
+            examples["image"][poisoned] = np.nan
         examples = {
             k: v.reshape((len(ids), steps, batch) + v.shape[2:]) for k, v in examples.items()
         }

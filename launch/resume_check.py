@@ -1,0 +1,133 @@
+"""Kills a training run at random rounds, restarts it, and checks it ends as an uninterrupted one.
+
+    python launch/resume_check.py --config=configs/shapes_fedavg.py:runlocal --workdir=/tmp/rc \
+        [--signal=KILL|TERM] [--kills=2] [--kill_during_save=ROUND] [--seed=0] \
+        [-- --config.<key>=<value> ...]
+
+It runs the config once without interruption (DIR/reference), then again in DIR/interrupted,
+sending the signal at random rounds and restarting the same command each time; with
+`--kill_during_save=R` the first attempt also dies by SIGKILL while round R's checkpoint is
+being written. It prints both params_sha256 digests and exits 0 only if they are equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _last_round(metrics: pathlib.Path) -> int:
+    if not metrics.exists():
+        return 0
+    rounds = [0]
+    for line in metrics.read_text().splitlines():
+        try:
+            rounds.append(int(json.loads(line)["round"]))
+        except (ValueError, KeyError):
+            pass
+    return max(rounds)
+
+
+def _command(config: str, workdir: pathlib.Path, overrides: list[str]) -> list[str]:
+    train = str(ROOT / "launch" / "train.py")
+    return [sys.executable, train, f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
+def _final_digest(workdir: pathlib.Path) -> str:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])["params_sha256"]
+
+
+def run_with_interruptions(
+    config: str,
+    workdir: pathlib.Path,
+    overrides: list[str],
+    *,
+    num_rounds: int,
+    sig: int,
+    kills: int,
+    kill_during_save: int,
+    rng: random.Random,
+) -> list[str]:
+    """Runs to completion with interruptions; returns a log of what happened."""
+    log = []
+    metrics = workdir / "metrics.jsonl"
+    if kill_during_save:
+        env = dict(os.environ, FEDJAX_CV_FAULT_KILL_DURING_SAVE=str(kill_during_save))
+        result = subprocess.run(_command(config, workdir, overrides), env=env, capture_output=True)
+        log.append(f"killed during the save of round {kill_during_save}: rc={result.returncode}")
+    for _ in range(kills):
+        start = _last_round(metrics)
+        if start >= num_rounds - 1:
+            break
+        target = rng.randint(start + 1, num_rounds - 1)
+        process = subprocess.Popen(
+            _command(config, workdir, overrides),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        while process.poll() is None and _last_round(metrics) < target:
+            time.sleep(0.005)
+        if process.poll() is None:
+            process.send_signal(sig)
+        _, stderr = process.communicate()
+        log.append(
+            f"sent {signal.Signals(sig).name} at round {_last_round(metrics)} "
+            f"(target {target}): rc={process.returncode}"
+        )
+        if process.returncode not in (0, -sig):
+            raise RuntimeError(stderr.decode()[-2000:])
+    result = subprocess.run(_command(config, workdir, overrides), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    log.append("restarted and finished")
+    return log
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--num_rounds", type=int, required=True, help="the config's num_rounds")
+    parser.add_argument("--signal", choices=("KILL", "TERM", "INT"), default="KILL")
+    parser.add_argument("--kills", type=int, default=2)
+    parser.add_argument("--kill_during_save", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    args, overrides = parser.parse_known_args()
+    overrides = [o for o in overrides if o != "--"] + [f"--config.num_rounds={args.num_rounds}"]
+    root = pathlib.Path(args.workdir)
+    reference = subprocess.run(
+        _command(args.config, root / "reference", overrides), capture_output=True, text=True
+    )
+    if reference.returncode != 0:
+        print(reference.stderr[-2000:], file=sys.stderr)
+        return 1
+    log = run_with_interruptions(
+        args.config,
+        root / "interrupted",
+        overrides,
+        num_rounds=args.num_rounds,
+        sig=getattr(signal, f"SIG{args.signal}"),
+        kills=args.kills,
+        kill_during_save=args.kill_during_save,
+        rng=random.Random(args.seed),
+    )
+    expected, actual = _final_digest(root / "reference"), _final_digest(root / "interrupted")
+    print("\n".join(log))
+    print(f"uninterrupted params_sha256: {expected}")
+    print(f"interrupted   params_sha256: {actual}")
+    print("same" if expected == actual else "DIFFERENT")
+    return 0 if expected == actual else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

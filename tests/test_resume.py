@@ -1,0 +1,122 @@
+"""Exact resume after SIGKILL / SIGTERM, non-finite clients, and refused mismatched resumes."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from fedjax_cv.train import TrainingError, train_and_evaluate
+from fedjax_cv.validation import ConfigError
+from tests.test_train import tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+import resume_check  # noqa: E402
+
+CONFIG = "configs/shapes_fedavg.py:runlocal"
+OVERRIDES = [
+    "--config.model.name=logistic",
+    "--config.num_rounds=24",
+    "--config.checkpoint.every_rounds=2",
+    "--config.eval_every_rounds=5",
+    "--config.data.num_train_examples=4000",
+]
+
+
+@pytest.fixture(scope="module")
+def reference_digest(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    subprocess.run(resume_check._command(CONFIG, workdir, OVERRIDES), check=True, cwd=ROOT)
+    return resume_check._final_digest(workdir)
+
+
+@pytest.mark.parametrize("sig, kill_during_save", [(signal.SIGKILL, 3 * 2), (signal.SIGTERM, 0)])
+def test_interrupted_run_ends_with_the_uninterrupted_digest(
+    tmp_path, reference_digest, sig, kill_during_save
+):
+    log = resume_check.run_with_interruptions(
+        CONFIG,
+        tmp_path,
+        OVERRIDES,
+        num_rounds=24,
+        sig=sig,
+        kills=2,
+        kill_during_save=kill_during_save,
+        rng=random.Random(1),
+    )
+    expected_rc = "rc=0" if sig == signal.SIGTERM else "rc=-9"
+    assert sum(expected_rc in line for line in log) >= 1, log
+    assert resume_check._final_digest(tmp_path) == reference_digest
+    rounds = [json.loads(line)["round"] for line in (tmp_path / "metrics.jsonl").open()]
+    assert rounds == list(range(1, 25))  # no round lost, none twice
+
+
+def test_clients_with_nan_data_get_zero_weight_and_the_run_completes(tmp_path):
+    record = train_and_evaluate(
+        tiny_config(**{"data.poisoned_clients": 2, "algorithm.clients_per_round": 6}),
+        str(tmp_path),
+    )
+    assert record["train/num_nonfinite_clients"] == 2
+    assert record["train/num_clients"] == 6
+    assert record["eval/loss"] == record["eval/loss"]  # finite model: not NaN
+
+
+def test_a_round_of_only_nonfinite_clients_stops_with_checkpoint_intact(tmp_path):
+    config = tiny_config(
+        **{"data.poisoned_clients": 6, "algorithm.clients_per_round": 6, "num_rounds": 3}
+    )
+    with pytest.raises(TrainingError, match="round 1: all 6 clients returned non-finite"):
+        train_and_evaluate(config, str(tmp_path))
+
+
+def test_resume_with_another_model_is_refused_and_changes_nothing(tmp_path):
+    train_and_evaluate(tiny_config(num_rounds=2), str(tmp_path))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    with pytest.raises(ConfigError, match=r"model\.name='cnn_hsu' differs from 'logistic'"):
+        train_and_evaluate(tiny_config(**{"model.name": "cnn_hsu"}), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"algorithm\.client\.learning_rate=0\.5 differs"):
+        train_and_evaluate(tiny_config(**{"algorithm.client.learning_rate": 0.5}), str(tmp_path))
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_allowed_config_change_still_refuses_mismatched_shapes(tmp_path):
+    train_and_evaluate(tiny_config(num_rounds=2), str(tmp_path))
+    config = tiny_config(**{"data.image_size": 14, "checkpoint.allow_config_change": True})
+    with pytest.raises(ConfigError, match=r"params\.Dense_0\.kernel is float32\(588, 4\) here"):
+        train_and_evaluate(config, str(tmp_path))
+    # A change that keeps every shape is allowed when asked for.
+    config = tiny_config(
+        **{"algorithm.client.learning_rate": 0.2, "checkpoint.allow_config_change": True}
+    )
+    assert train_and_evaluate(config, str(tmp_path))["round"] == 3
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("eval_every_rounds", 0, "eval_every_rounds=0"),
+        ("checkpoint.every_rounds", 0, "checkpoint.every_rounds=0"),
+        ("checkpoint.keep", 0, "checkpoint.keep=0"),
+        ("algorithm.batch_size", 0, "algorithm.batch_size=0"),
+        ("algorithm.local_epochs", 0, "algorithm.local_epochs=0"),
+        ("algorithm.virtual_client_size", -3, "algorithm.virtual_client_size=-3"),
+        ("algorithm.server.optimizer", "lamb", "algorithm.server.optimizer='lamb'"),
+        ("algorithm.aggregation", "median", "algorithm.aggregation='median'"),
+        ("model.norm", "instance", "model.norm='instance'"),
+        ("data.num_clients", 0, "data.num_clients=0"),
+        ("data.name", "imagenet", "data.name='imagenet'"),
+        ("seed", -1, "seed=-1"),
+        ("algorithm.client.momentum", 1.5, "algorithm.client.momentum=1.5"),
+        ("algorithm.server.eps", 0.0, "algorithm.server.eps=0.0"),
+    ],
+)
+def test_more_bad_values_fail_before_anything_is_written(tmp_path, key, value, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        train_and_evaluate(tiny_config(**{key: value}), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
