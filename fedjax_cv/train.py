@@ -30,7 +30,7 @@ from fedjax_cv import checkpointing
 from fedjax_cv.algorithms.registry import build_algorithm
 from fedjax_cv.data.cohort import CohortBuilder, prepare, test_batches
 from fedjax_cv.data.federated import FederatedDataset
-from fedjax_cv.data.registry import build_dataset
+from fedjax_cv.data.registry import build_dataset, partition_params
 from fedjax_cv.engine.strategies import client_mesh
 from fedjax_cv.models import get_model
 from fedjax_cv.tasks import classification
@@ -97,6 +97,14 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         eval_fn=classification.make_eval_fn(model),
         initial_state=algorithm.init(params, model_state),
         root_key=root_key,
+    )
+
+
+def partition_record(experiment: Experiment):
+    """The run's partition with its statistics (written as partition.json)."""
+    partition = experiment.config.data.partition
+    return experiment.dataset.partition(
+        partition.name, experiment.config.seed, partition_params(partition)
     )
 
 
@@ -203,6 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_json = workdir_path / "config.json"
     if not config_json.exists():
         config_json.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    if not (workdir_path / "partition.json").exists():
+        partition_record(experiment).save(workdir_path / "partition.json")
     manager = checkpointing.manager(workdir_path, config.checkpoint.keep)
     state, start_round = experiment.initial_state, 0
     if resume_step is not None:

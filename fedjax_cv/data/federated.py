@@ -38,10 +38,13 @@ class FederatedDataset:
         counts = self.label_histograms.sum(axis=0).astype(np.float64)
         return counts / counts.sum()
 
-    def stats(self) -> dict:
-        histograms = self.label_histograms
-        return {
-            "num_examples": int(self.client_sizes.sum()),
-            "client_sizes": self.client_sizes.tolist(),
-            "mean_emd": partition_lib.mean_emd(histograms),
-        }
+    def partition(
+        self, name: str, seed: int, params: dict | None = None
+    ) -> partition_lib.Partition:
+        """The train split's partition with its statistics, ready to save as partition.json."""
+        stats = partition_lib.partition_stats(
+            self.train[self.label_key], self.clients, self.num_classes
+        )
+        return partition_lib.Partition(
+            name=name, seed=seed, clients=self.clients, stats=stats, params=dict(params or {})
+        )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import pathlib
 from collections.abc import Callable
 
 import numpy as np
 
-from fedjax_cv.data import shapes
+from fedjax_cv.data import shapes, sources
 from fedjax_cv.data.federated import FederatedDataset
 from fedjax_cv.data.partition import PARTITIONERS, make_partition
 
@@ -54,7 +55,53 @@ def shapes_dataset(data_config, seed: int) -> FederatedDataset:
     )
 
 
-DATASETS: dict[str, DatasetBuilder] = {"shapes": shapes_dataset}
+# Archives of the catalog's image folders as the shared data folder names them.
+_IMAGE_FOLDER_FILES = {"cifar10": "cifar10-images.tar.gz", "mnist": "mnist-images.tar.gz"}
+
+
+def locate(root: str, name: str) -> pathlib.Path:
+    """`root` itself when it is the dataset (a folder or archive), else its entry for `name`."""
+    path = pathlib.Path(root)
+    for candidate in (path / _IMAGE_FOLDER_FILES.get(name, name), path / name):
+        if candidate.exists():
+            return candidate
+    if path.exists() and (path.is_file() or (path / "train").is_dir()):
+        return path
+    raise FileNotFoundError(
+        f"data.root={root!r} holds no {name} data; must be a folder with "
+        f"{_IMAGE_FOLDER_FILES.get(name, name)}, or the image folder / archive itself"
+    )
+
+
+def image_folder_dataset(data_config, seed: int) -> FederatedDataset:
+    """A `<split>/<class>/<file>` folder or archive: train split partitioned, test held out."""
+    path = locate(data_config.root, data_config.name)
+    cache_dir = data_config.get("cache_dir") or None
+    train = sources.image_folder(path, "train", cache_dir=cache_dir)
+    test = sources.image_folder(path, "test", class_names=train.class_names, cache_dir=cache_dir)
+    clients = make_partition(
+        data_config.partition.name,
+        train.labels,
+        data_config.num_clients,
+        seed,
+        **partition_params(data_config.partition),
+    )
+    return FederatedDataset(
+        name=data_config.name,
+        train={"image": train.images.stacked(), "label": train.labels},
+        test={"image": test.images.stacked(), "label": test.labels},
+        clients=tuple(clients),
+        num_classes=train.num_classes,
+        class_names=train.class_names,
+    )
+
+
+DATASETS: dict[str, DatasetBuilder] = {
+    "shapes": shapes_dataset,
+    "cifar10": image_folder_dataset,
+    "mnist": image_folder_dataset,
+    "image_folder": image_folder_dataset,
+}
 
 
 def build_dataset(data_config, seed: int) -> FederatedDataset:
