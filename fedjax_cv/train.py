@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from fedjax_cv import checkpointing
+from fedjax_cv import checkpointing, curves
 from fedjax_cv.algorithms.registry import build_algorithm
 from fedjax_cv.data.cohort import CohortBuilder, prepare, test_batches
 from fedjax_cv.data.federated import FederatedDataset
@@ -225,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.close()
         manager.wait_until_finished()
         manager.close()
+    curves.plot_learning_curves(metrics_path, workdir_path / "learning_curves.png")
     return record
 
 
