@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.algorithm.client.weight_decay = 0.0
     config.algorithm.client.proximal_mu = 0.0
     config.algorithm.client.importance_weighting = False  # FedIR
+    config.algorithm.client.class_prior = ()  # FedIR's p; () = label frequencies of all clients
     config.algorithm.server = ml_collections.ConfigDict()
     config.algorithm.server.optimizer = "auto"  # by name: sgd | adam | yogi | adagrad
     config.algorithm.server.learning_rate = 1.0

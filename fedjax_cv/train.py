@@ -61,6 +61,20 @@ class Experiment:
     root_key: jax.Array
 
 
+def _class_prior(config, dataset: FederatedDataset) -> np.ndarray:
+    """FedIR's p: `algorithm.client.class_prior` when given, else the union of all clients."""
+    given = tuple(config.algorithm.client.class_prior)
+    if not given:
+        return dataset.class_prior()
+    prior = np.asarray(given, np.float64)
+    if len(prior) != dataset.num_classes or np.any(prior < 0) or not np.isclose(prior.sum(), 1):
+        raise ConfigError(
+            f"algorithm.client.class_prior={given!r} is not allowed; must be "
+            f"{dataset.num_classes} non-negative numbers summing to 1"
+        )
+    return prior
+
+
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     """Validates `config` and builds the run; raises ConfigError / ValueError on bad input."""
     validate_config(config)
@@ -75,7 +89,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     algorithm = build_algorithm(
         config.algorithm,
         classification.make_loss_fn(model),
-        class_prior=dataset.class_prior(),
+        class_prior=_class_prior(config, dataset),
         metric_names=classification.METRIC_NAMES,
         mesh=client_mesh(),
     )

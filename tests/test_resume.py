@@ -114,6 +114,7 @@ def test_allowed_config_change_still_refuses_mismatched_shapes(tmp_path):
         ("seed", -1, "seed=-1"),
         ("algorithm.client.momentum", 1.5, "algorithm.client.momentum=1.5"),
         ("algorithm.server.eps", 0.0, "algorithm.server.eps=0.0"),
+        ("algorithm.client.class_prior", (0.5, 0.6, 0.0, 0.0), "algorithm.client.class_prior="),
     ],
 )
 def test_more_bad_values_fail_before_anything_is_written(tmp_path, key, value, message):
