@@ -30,6 +30,7 @@ def get_config(arg=None):
     config.data.num_clients = 100
     config.data.partition.name = "dirichlet"
     config.data.partition.alpha = float(args.get("alpha", 0.5))
+    config.data.augmentation = "cifar"  # pad 4, random crop, horizontal flip
     config.eval.batch_size = 1000
 
     if "runlocal" in args:

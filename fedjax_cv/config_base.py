@@ -67,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.image_size = 28
     config.data.num_train_examples = 10_000
     config.data.num_test_examples = 2_000
+    config.data.augmentation = "none"  # none | cifar | flip | scale_flip (data/augment.py)
+    config.data.num_workers = 0  # grain threads assembling a cohort; 0: the prefetch thread
     config.data.poisoned_clients = 0  # fault injection: clients 0..n-1 get NaN images
     config.data.partition = ml_collections.ConfigDict()
     config.data.partition.name = "dirichlet"

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from fedjax_cv import checkpointing, curves
 from fedjax_cv.algorithms.registry import build_algorithm
-from fedjax_cv.data.cohort import CohortBuilder, prepare, test_batches
+from fedjax_cv.data.cohort import prepare, test_batches
+from fedjax_cv.data.pipeline import GrainCohortBuilder
 from fedjax_cv.data.federated import FederatedDataset
 from fedjax_cv.data.registry import build_dataset, partition_params
 from fedjax_cv.engine.strategies import client_mesh
@@ -55,7 +56,7 @@ class Experiment:
     dataset: FederatedDataset
     model: Any
     algorithm: Any
-    cohorts: CohortBuilder
+    cohorts: GrainCohortBuilder
     eval_fn: Any
     initial_state: Any
     root_key: jax.Array
@@ -93,7 +94,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         metric_names=classification.METRIC_NAMES,
         mesh=client_mesh(),
     )
-    cohorts = CohortBuilder(
+    cohorts = GrainCohortBuilder(
         dataset=dataset,
         client_sampler=algorithm.client_sampler,
         example_sampler=algorithm.example_sampler,
@@ -101,6 +102,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         batch_size=config.algorithm.batch_size,
         seed=config.seed,
         poisoned_clients=config.data.poisoned_clients,
+        augmentation=config.data.augmentation,
+        num_workers=config.data.num_workers,
     )
     return Experiment(
         config=config,

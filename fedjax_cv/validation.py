@@ -9,6 +9,7 @@ import math
 
 from fedjax_cv.algorithms.registry import check_algorithm_config
 from fedjax_cv.algorithms.server import AGGREGATIONS, SERVER_OPTIMIZERS
+from fedjax_cv.data.augment import make_augmentation
 from fedjax_cv.data.partition import PARTITIONERS
 from fedjax_cv.data.registry import DATASETS
 from fedjax_cv.engine.strategies import STRATEGIES
@@ -75,6 +76,7 @@ _RULES = [
     ("algorithm.server.eps", lambda v: _number(v) and v > 0, "a number > 0"),
     ("data.name", lambda v: v in DATASETS, f"one of {', '.join(sorted(DATASETS))}"),
     ("data.num_clients", lambda v: _integer(v) and v > 0, "a positive integer"),
+    ("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("data.poisoned_clients", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("checkpoint.allow_config_change", lambda v: isinstance(v, bool), "True or False"),
     (
@@ -102,6 +104,10 @@ def validate_config(config) -> None:
         raise ConfigError(
             f"data.partition.alpha={partition.get('alpha')!r} is not allowed; must be > 0"
         )
+    try:
+        make_augmentation(config.data.augmentation)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     algorithm = config.algorithm
     if algorithm.clients_per_round > config.data.num_clients:
         raise ConfigError(

@@ -112,6 +112,8 @@ def test_allowed_config_change_still_refuses_mismatched_shapes(tmp_path):
         ("data.num_clients", 0, "data.num_clients=0"),
         ("data.name", "imagenet", "data.name='imagenet'"),
         ("seed", -1, "seed=-1"),
+        ("data.augmentation", "mixup", "data.augmentation='mixup' is unknown"),
+        ("data.num_workers", -1, "data.num_workers=-1"),
         ("algorithm.client.momentum", 1.5, "algorithm.client.momentum=1.5"),
         ("algorithm.server.eps", 0.0, "algorithm.server.eps=0.0"),
         ("algorithm.client.class_prior", (0.5, 0.6, 0.0, 0.0), "algorithm.client.class_prior="),

@@ -8,6 +8,7 @@ rebuilds exactly the cohorts an uninterrupted one would have.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 
@@ -15,7 +16,8 @@ from fedjax_cv.algorithms.sampling import ClientSampler, ExampleSampler, num_ste
 from fedjax_cv.data.federated import FederatedDataset
 from fedjax_cv.engine.cohort import ClientInfo, Cohort
 
-_CLIENT_STREAM, _EXAMPLE_STREAM = 1, 2
+_CLIENT_STREAM = 1
+EXAMPLE_STREAM = 2  # also the base of the pipeline's augmentation streams
 
 
 def normalize_images(images: np.ndarray) -> np.ndarray:
@@ -29,6 +31,33 @@ def prepare(examples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if "image" in out and out["image"].dtype == np.uint8:
         out["image"] = normalize_images(out["image"])
     return out
+
+
+class Entry(NamedTuple):
+    """One real example of a cohort: where it goes and which example it is."""
+
+    slot: int  # the client's place in the cohort
+    position: int  # its place in that client's training order (step * batch + index)
+    example: int  # index into the dataset's train split
+    client: int
+    occurrence: int  # which copy of the client (FedVC draws clients with replacement)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which examples a round's clients train on."""
+
+    client_ids: np.ndarray  # int64 [clients]
+    occurrence: np.ndarray  # int32 [clients]
+    examples: np.ndarray  # int64 [clients, slots], 0 where padded
+    mask: np.ndarray  # bool [clients, slots]
+
+    def entries(self) -> list[Entry]:
+        slots, positions = np.nonzero(self.mask)
+        return [
+            Entry(int(s), int(p), int(self.examples[s, p]), int(self.client_ids[s]), int(o))
+            for s, p, o in zip(slots, positions, self.occurrence[slots], strict=True)
+        ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,37 +83,48 @@ class CohortBuilder:
         rng = np.random.default_rng([self.seed, round_index, _CLIENT_STREAM])
         return self.client_sampler.sample(rng, self.dataset.client_sizes, self.clients_per_round)
 
-    def __call__(self, round_index: int) -> Cohort:
+    def layout(self, round_index: int) -> Layout:
+        """Round r's clients and the examples each trains on, before any pixel is read."""
         ids = self.sample_clients(round_index)
-        histograms = self.dataset.label_histograms
-        steps, batch = self.num_steps, self.batch_size
-        slots = steps * batch
-        positions = np.zeros((len(ids), slots), np.int64)
+        slots = self.num_steps * self.batch_size
+        examples = np.zeros((len(ids), slots), np.int64)
         mask = np.zeros((len(ids), slots), bool)
         occurrence = np.zeros(len(ids), np.int32)
         for slot, client in enumerate(ids):
             occurrence[slot] = np.sum(ids[:slot] == client)
             rng = np.random.default_rng(
-                [self.seed, round_index, _EXAMPLE_STREAM, int(client), int(occurrence[slot])]
+                [self.seed, round_index, EXAMPLE_STREAM, int(client), int(occurrence[slot])]
             )
             members = self.dataset.clients[client]
             chosen = members[self.example_sampler.indices(rng, len(members))][:slots]
-            positions[slot, : len(chosen)] = chosen
+            examples[slot, : len(chosen)] = chosen
             mask[slot, : len(chosen)] = True
-        examples = prepare({k: v[positions] for k, v in self.dataset.train.items()})
+        return Layout(client_ids=ids, occurrence=occurrence, examples=examples, mask=mask)
+
+    def gather(self, round_index: int, layout: Layout) -> dict[str, np.ndarray]:
+        """The layout's examples, normalised, as arrays `[clients, slots, ...]`; padded slots
+        hold example 0 (their mask is False)."""
+        del round_index
+        return prepare({k: v[layout.examples] for k, v in self.dataset.train.items()})
+
+    def __call__(self, round_index: int) -> Cohort:
+        layout = self.layout(round_index)
+        examples = self.gather(round_index, layout)
+        ids = layout.client_ids
         if self.poisoned_clients:
-            poisoned = ids < self.poisoned_clients
-            examples["image"][poisoned] = np.nan
-        examples = {
-            k: v.reshape((len(ids), steps, batch) + v.shape[2:]) for k, v in examples.items()
-        }
+            examples["image"][ids < self.poisoned_clients] = np.nan
+        shape = (len(ids), self.num_steps, self.batch_size)
         info = ClientInfo(
             client_id=ids.astype(np.int32),
-            occurrence=occurrence,
+            occurrence=layout.occurrence,
             num_examples=self.dataset.client_sizes[ids].astype(np.float32),
-            label_histogram=histograms[ids].astype(np.float32),
+            label_histogram=self.dataset.label_histograms[ids].astype(np.float32),
         )
-        return Cohort(examples=examples, mask=mask.reshape(len(ids), steps, batch), clients=info)
+        return Cohort(
+            examples={k: v.reshape(shape + v.shape[2:]) for k, v in examples.items()},
+            mask=layout.mask.reshape(shape),
+            clients=info,
+        )
 
 
 def test_batches(examples: dict[str, np.ndarray], batch_size: int):
