@@ -29,8 +29,8 @@ from tqdm import tqdm
 from fedjax_cv import checkpointing, curves
 from fedjax_cv.algorithms.registry import build_algorithm
 from fedjax_cv.data.cohort import prepare, test_batches
-from fedjax_cv.data.pipeline import GrainCohortBuilder
 from fedjax_cv.data.federated import FederatedDataset
+from fedjax_cv.data.pipeline import GrainCohortBuilder
 from fedjax_cv.data.registry import build_dataset, partition_params
 from fedjax_cv.engine.strategies import client_mesh
 from fedjax_cv.models import get_model
