@@ -23,7 +23,7 @@ def get_config(arg=None):
     config.algorithm.clients_per_round = 10
     config.algorithm.batch_size = 20
     config.algorithm.local_epochs = 1
-    config.algorithm.client.learning_rate = 0.05
+    config.algorithm.client.learning_rate = 0.02
     config.algorithm.client.momentum = 0.9
 
     config.data.name = "cifar10"
