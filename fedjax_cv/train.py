@@ -80,6 +80,11 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     """Validates `config` and builds the run; raises ConfigError / ValueError on bad input."""
     validate_config(config)
     dataset = build_dataset(config.data, config.seed)
+    if dataset.task != "classification":
+        raise ConfigError(
+            f"data.name={config.data.name!r} is {dataset.task} data; training is implemented "
+            "for classification so far (inspect it with python -m fedjax_cv.data.inspect)"
+        )
     model_kwargs = {} if config.model.norm == "auto" else {"norm": config.model.norm}
     model = get_model(config.model.name, dataset.num_classes, **model_kwargs)
     root_key = jax.random.key(config.seed)

@@ -14,6 +14,7 @@ import pytest
 from fedjax_cv.config_base import default_data_root
 from fedjax_cv.data.inspect import inspect_partition
 from fedjax_cv.train import train_and_evaluate
+from tests.configs_loader import load_config
 from tests.test_train import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -87,3 +88,21 @@ def test_cifar10_dirichlet_config_trains_on_real_images(tmp_path):
     saved = json.loads((tmp_path / "partition.json").read_text())
     assert saved["stats"]["num_examples"] == 50_000
     assert np.all(np.asarray(saved["stats"]["client_sizes"]) == 500)
+
+
+@pytest.mark.skipif(not (DATA / "coco128").is_dir(), reason=f"no coco128 folder under {DATA}")
+def test_coco128_detection_partition_covers_every_image_and_counts_boxes(tmp_path):
+    partition = inspect_partition(load_config("configs/coco128_detection.py"), tmp_path)
+    every = sorted(int(i) for client in partition.clients for i in client)
+    assert every == list(range(128))
+    labels = DATA / "coco128/object_detection/labels/train2017"
+    images = [p.stem for p in (DATA / "coco128/images/train2017").glob("*.jpg")]
+    label_lines = sum(
+        len((labels / f"{stem}.txt").read_text().split()) // 5
+        for stem in images
+        if (labels / f"{stem}.txt").exists()
+    )
+    assert partition.stats.num_boxes == label_lines
+    with pytest.raises(ValueError, match="data.name='coco128' is detection data"):
+        train_and_evaluate(load_config("configs/coco128_detection.py"), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

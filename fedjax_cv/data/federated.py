@@ -12,7 +12,8 @@ from fedjax_cv.data import partition as partition_lib
 
 @dataclasses.dataclass(frozen=True)
 class FederatedDataset:
-    """Examples as dicts of arrays with a leading example axis; `clients[k]` indexes `train`."""
+    """Examples as dicts of random-access sequences (arrays, or per-image tuples of box
+    arrays); `clients[k]` indexes `train`."""
 
     name: str
     train: dict[str, np.ndarray]
@@ -20,7 +21,8 @@ class FederatedDataset:
     clients: tuple[np.ndarray, ...]
     num_classes: int
     class_names: tuple[str, ...] = ()
-    label_key: str = "label"
+    label_key: str = "label"  # per-image box classes for detection data
+    task: str = "classification"  # or "detection"
 
     @property
     def client_sizes(self) -> np.ndarray:
@@ -43,7 +45,10 @@ class FederatedDataset:
     ) -> partition_lib.Partition:
         """The train split's partition with its statistics, ready to save as partition.json."""
         stats = partition_lib.partition_stats(
-            self.train[self.label_key], self.clients, self.num_classes
+            self.train[self.label_key],
+            self.clients,
+            self.num_classes,
+            count_boxes=self.task == "detection",
         )
         return partition_lib.Partition(
             name=name, seed=seed, clients=self.clients, stats=stats, params=dict(params or {})

@@ -96,7 +96,47 @@ def image_folder_dataset(data_config, seed: int) -> FederatedDataset:
     )
 
 
+# name: (folder under data.root, loader, train split, test split)
+_DETECTION = {
+    "coco128": ("coco128", sources.yolo_detection, "train2017", "val2017"),
+    "bccd": ("bccd/BCCD", sources.voc_detection, "train", "test"),
+}
+
+
+def detection_dataset(data_config, seed: int) -> FederatedDataset:
+    """Boxes in the coco128 (YOLO txt) or BCCD (PASCAL VOC XML) layout, partitioned by the
+    classes of each image's boxes (multi-label partitioners: fedcv_detection, lda_multilabel)."""
+    folder, load, train_split, test_split = _DETECTION[data_config.name]
+    path = locate(data_config.root, folder)
+    cache_dir = data_config.get("cache_dir") or None
+    train = load(path, train_split, cache_dir=cache_dir)
+    test = load(path, test_split, class_names=train.class_names, cache_dir=cache_dir)
+    clients = make_partition(
+        data_config.partition.name,
+        train.box_labels,
+        data_config.num_clients,
+        seed,
+        **partition_params(data_config.partition),
+    )
+
+    def examples(source):
+        return {"image": source.images, "boxes": source.boxes, "box_labels": source.box_labels}
+
+    return FederatedDataset(
+        name=data_config.name,
+        train=examples(train),
+        test=examples(test),
+        clients=tuple(clients),
+        num_classes=train.num_classes,
+        class_names=train.class_names,
+        label_key="box_labels",
+        task="detection",
+    )
+
+
 DATASETS: dict[str, DatasetBuilder] = {
+    "coco128": detection_dataset,
+    "bccd": detection_dataset,
     "shapes": shapes_dataset,
     "cifar10": image_folder_dataset,
     "mnist": image_folder_dataset,
