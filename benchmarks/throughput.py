@@ -1,12 +1,14 @@
 """Client-examples/s of a federated round, beside centralized training of the same model.
 
-    python benchmarks/throughput.py --out=/tmp/throughput.json [--strategies=auto,host]
+    python benchmarks/throughput.py --out=/tmp/throughput.json [--workloads=T,C,R]
 
 Workloads (the core issue's): T logistic and C cnn_emnist on 100 clients x 50 examples of
 28x28x1 with 62 classes; R cnn_hsu on 32x32x3 with 10 classes; batch 10, one local epoch.
 Every federated figure is printed beside centralized SGD of the same model at batch 10 and at
 batch = cohort x 10, measured in the same run, with the ratios: timings on a shared machine are
-noisy, ratios much less so. Cohorts are prebuilt (the input pipeline has its own benchmark).
+noisy, ratios much less so: the runners take turns in timing windows and each keeps its best.
+Inputs of both sides are prebuilt on the device (the input pipeline has its own benchmark,
+benchmarks/data_pipeline.py).
 """
 
 from __future__ import annotations
@@ -34,14 +36,24 @@ WORKLOADS = {
 EXAMPLES_PER_CLIENT, BATCH = 50, 10
 
 
-def _timed(run, min_seconds: float, min_repeats: int = 2) -> float:
-    """Seconds per call of `run` after one warm-up call."""
-    jax.block_until_ready(run())
-    repeats, started = 0, time.perf_counter()
-    while repeats < min_repeats or time.perf_counter() - started < min_seconds:
+def interleaved_rates(runners: dict, windows: int, seconds: float) -> dict[str, float]:
+    """Examples/s of each `runners[name] = (run, examples_per_call)`.
+
+    After one warm-up call each, the runners take turns in `windows` timing windows of at
+    least `seconds` and one call; each keeps its best window. Taking turns exposes every
+    runner to the same background load, so the ratios hold even on a busy machine.
+    """
+    for run, _ in runners.values():
         jax.block_until_ready(run())
-        repeats += 1
-    return (time.perf_counter() - started) / repeats
+    best = dict.fromkeys(runners, float("inf"))
+    for _ in range(windows):
+        for name, (run, _) in runners.items():
+            calls, started = 0, time.perf_counter()
+            while calls < 1 or time.perf_counter() - started < seconds:
+                jax.block_until_ready(run())
+                calls += 1
+            best[name] = min(best[name], (time.perf_counter() - started) / calls)
+    return {name: runners[name][1] / best[name] for name in runners}
 
 
 def make_cohort(rng, cohort: int, shape, num_classes: int) -> Cohort:
@@ -57,8 +69,8 @@ def make_cohort(rng, cohort: int, shape, num_classes: int) -> Cohort:
     return Cohort({"image": images, "label": labels}, np.ones((cohort, steps, BATCH), bool), info)
 
 
-def centralized(model, params, shape, num_classes, batch, rng, min_seconds) -> float:
-    """Examples/s of plain SGD steps dispatched from Python, batches prebuilt on the host."""
+def centralized(model, params, shape, num_classes, batch, rng):
+    """A runner of 8 plain SGD steps dispatched from Python on prebuilt batches."""
     loss_fn = classification.make_loss_fn(model)
     optimizer = optax.sgd(0.01)
 
@@ -69,10 +81,12 @@ def centralized(model, params, shape, num_classes, batch, rng, min_seconds) -> f
         return optax.apply_updates(params, updates), opt_state
 
     batches = [
-        {
-            "image": rng.normal(size=(batch,) + shape).astype(np.float32),
-            "label": rng.integers(0, num_classes, batch).astype(np.int32),
-        }
+        jax.device_put(
+            {
+                "image": rng.normal(size=(batch,) + shape).astype(np.float32),
+                "label": rng.integers(0, num_classes, batch).astype(np.int32),
+            }
+        )
         for _ in range(8)
     ]
     state = [params, optimizer.init(params)]
@@ -83,10 +97,11 @@ def centralized(model, params, shape, num_classes, batch, rng, min_seconds) -> f
             state[0], state[1] = step(state[0], state[1], b, key)
         return state[0]
 
-    return 8 * batch / _timed(run, min_seconds)
+    return run, 8 * batch
 
 
-def federated(model, params, cohort, strategy, min_seconds) -> float:
+def federated(model, params, cohort, strategy):
+    """A runner of one FedAvg round on `cohort` with `strategy`."""
     algorithm = algorithms.fedavg(
         classification.make_loss_fn(model),
         0.01,
@@ -100,7 +115,7 @@ def federated(model, params, cohort, strategy, min_seconds) -> float:
         state[0], metrics = algorithm.apply(state[0], cohort, key)
         return metrics["loss"]
 
-    return cohort.mask.sum() / _timed(run, min_seconds)
+    return run, int(cohort.mask.sum())
 
 
 def main() -> None:
@@ -108,7 +123,8 @@ def main() -> None:
     parser.add_argument("--out", help="JSON file for the measurements")
     parser.add_argument("--workloads", default="T,C,R")
     parser.add_argument("--strategies", default="auto,vmap,sequential,host")
-    parser.add_argument("--min_seconds", type=float, default=2.0)
+    parser.add_argument("--windows", type=int, default=3, help="timing windows per runner")
+    parser.add_argument("--seconds", type=float, default=1.0, help="minimum length of a window")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = []
@@ -117,25 +133,26 @@ def main() -> None:
         model = get_model(model_name, num_classes)
         params = model.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False)["params"]
         for cohort_size in cohorts:
-            central_b10 = centralized(
-                model, params, shape, num_classes, BATCH, rng, args.min_seconds
-            )
-            central_big = centralized(
-                model, params, shape, num_classes, BATCH * cohort_size, rng, args.min_seconds
-            )
-            cohort = make_cohort(rng, cohort_size, shape, num_classes)
+            cohort = jax.device_put(make_cohort(rng, cohort_size, shape, num_classes))
+            runners = {
+                "b10": centralized(model, params, shape, num_classes, BATCH, rng),
+                "big": centralized(model, params, shape, num_classes, BATCH * cohort_size, rng),
+            }
             for strategy in args.strategies.split(","):
-                rate = federated(model, params, cohort, strategy, args.min_seconds)
+                runners[strategy] = federated(model, params, cohort, strategy)
+            rates = interleaved_rates(runners, args.windows, args.seconds)
+            for strategy in args.strategies.split(","):
+                label = strategy
+                if strategy == "auto":
+                    label = f"auto->{resolve_strategy('auto', params)}"
                 rows.append(
                     {
                         "workload": f"{name}:{model_name}",
-                        "strategy": strategy
-                        if strategy != "auto"
-                        else f"auto->{resolve_strategy('auto', params)}",
+                        "strategy": label,
                         "cohort": cohort_size,
-                        "client_examples_per_s": rate,
-                        "centralized_b10_examples_per_s": central_b10,
-                        "centralized_big_examples_per_s": central_big,
+                        "client_examples_per_s": rates[strategy],
+                        "centralized_b10_examples_per_s": rates["b10"],
+                        "centralized_big_examples_per_s": rates["big"],
                     }
                 )
                 print(_format_row(rows[-1]), flush=True)

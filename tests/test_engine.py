@@ -126,12 +126,13 @@ def test_same_key_same_round_and_other_key_other_round_with_dropout_like_noise()
     assert not np.allclose(run(jax.random.key(3)), run(jax.random.key(4)))
 
 
-def test_auto_picks_host_loop_for_conv_models_on_cpu_and_vmap_otherwise():
+def test_auto_picks_host_loop_for_convs_sequential_for_dense_on_cpu_vmap_elsewhere():
     conv = {"kernel": np.zeros((3, 3, 1, 8))}
     dense = {"kernel": np.zeros((8, 4))}
     assert resolve_strategy("auto", conv, "cpu") == "host"
-    assert resolve_strategy("auto", dense, "cpu") == "vmap"
+    assert resolve_strategy("auto", dense, "cpu") == "sequential"
     assert resolve_strategy("auto", conv, "gpu") == "vmap"
+    assert resolve_strategy("auto", dense, "tpu") == "vmap"
 
 
 def test_size_proportional_sampling_matches_client_sizes_chi_square():

@@ -136,7 +136,7 @@ def client_program(
 
         grads, (losses, out) = jax.grad(value, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        candidate = state.replace(
+        return state.replace(
             params=optax.apply_updates(state.params, updates),
             opt_state=opt_state,
             model_state=out.model_state,
@@ -148,9 +148,6 @@ def client_program(
             },
             num_trained=state.num_trained + jnp.sum(mask),
         )
-        # An all-padding batch must leave no trace: no step, no momentum, no weight decay.
-        active = jnp.any(mask > 0)
-        return jax.tree.map(lambda new, old: jnp.where(active, new, old), candidate, state)
 
     def final(shared, state: ClientState, info: ClientInfo) -> ClientContribution:
         server_params, server_model_state = shared

@@ -64,15 +64,16 @@ def federated_algorithm(
     metric_names: tuple[str, ...] = (),
     strategy: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
-    unroll: int | bool = 1,
+    unroll: int | bool | None = None,
     donate: bool = True,
 ) -> FederatedAlgorithm:
     """Composes one federated algorithm from its axes.
 
     `strategy` picks how clients execute ('auto', 'vmap', 'sequential', 'host'; see
     `fedjax_cv.engine.strategies`); with a `mesh` the client axis is sharded over its
-    `clients` axis. With `donate`, `apply` donates the state passed to it: use the state it
-    returns, not the one passed in.
+    `clients` axis. `unroll` sets how many local steps the compiled round unrolls (None: see
+    `fedjax_cv.engine.strategies.default_unroll`). With `donate`, `apply` donates the state
+    passed to it: use the state it returns, not the one passed in.
     """
     objective = objective or ClientObjective()
     if objective.proximal_mu < 0:
