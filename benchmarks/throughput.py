@@ -7,6 +7,8 @@ Workloads (the core issue's): T logistic and C cnn_emnist on 100 clients x 50 ex
 Every federated figure is printed beside centralized SGD of the same model at batch 10 and at
 batch = cohort x 10, measured in the same run, with the ratios: timings on a shared machine are
 noisy, ratios much less so: the runners take turns in timing windows and each keeps its best.
+With several devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=2, one a core)
+it also times the vmap and sequential rounds sharded over all of them (`strategy@devices`).
 Inputs of both sides are prebuilt on the device (the input pipeline has its own benchmark,
 benchmarks/data_pipeline.py).
 """
@@ -23,7 +25,7 @@ import numpy as np
 import optax
 
 from fedjax_cv import algorithms
-from fedjax_cv.engine import ClientInfo, Cohort, resolve_strategy
+from fedjax_cv.engine import ClientInfo, Cohort, client_mesh, resolve_strategy
 from fedjax_cv.models import get_model
 from fedjax_cv.tasks import classification
 
@@ -100,12 +102,13 @@ def centralized(model, params, shape, num_classes, batch, rng):
     return run, 8 * batch
 
 
-def federated(model, params, cohort, strategy):
-    """A runner of one FedAvg round on `cohort` with `strategy`."""
+def federated(model, params, cohort, strategy, mesh=None):
+    """A runner of one FedAvg round on `cohort` with `strategy` (sharded over `mesh`)."""
     algorithm = algorithms.fedavg(
         classification.make_loss_fn(model),
         0.01,
         strategy=strategy,
+        mesh=mesh,
         metric_names=classification.METRIC_NAMES,
     )
     state = [algorithm.init(params)]
@@ -127,6 +130,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="minimum length of a window")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
+    mesh = client_mesh()  # several devices: also time the sharded round
     rows = []
     for name in args.workloads.split(","):
         model_name, shape, num_classes, cohorts = WORKLOADS[name]
@@ -140,8 +144,13 @@ def main() -> None:
             }
             for strategy in args.strategies.split(","):
                 runners[strategy] = federated(model, params, cohort, strategy)
+                if mesh is not None and strategy in ("vmap", "sequential"):
+                    runners[f"{strategy}@{len(mesh.devices)}"] = federated(
+                        model, params, cohort, strategy, mesh
+                    )
+            strategies = [s for s in runners if s not in ("b10", "big")]
             rates = interleaved_rates(runners, args.windows, args.seconds)
-            for strategy in args.strategies.split(","):
+            for strategy in strategies:
                 label = strategy
                 if strategy == "auto":
                     label = f"auto->{resolve_strategy('auto', params)}"
