@@ -86,3 +86,50 @@ def parse_arg(arg: str | None) -> dict[str, str]:
         key, _, value = item.partition("=")
         out[key.strip()] = value.strip()
     return out
+
+
+def dirichlet_classification(
+    data_name: str, model_name: str, arg: str | None, num_rounds: int = 500
+) -> ml_collections.ConfigDict:
+    """FedAvg on a real image-folder dataset split by Dirichlet(alpha) over 100 clients
+    (Hsu et al. 2019): the base of configs/cifar10_dirichlet.py and mnist_dirichlet.py.
+
+    `arg`: `alpha=<float>` (default 0.5), `runlocal` (3 rounds).
+    """
+    args = parse_arg(arg)
+    config = base_config()
+    config.num_rounds = num_rounds
+    config.eval_every_rounds = 10
+    config.checkpoint.every_rounds = 25
+    config.model.name = model_name
+    config.algorithm.name = "fedavg"
+    config.algorithm.clients_per_round = 10
+    config.algorithm.batch_size = 20
+    config.algorithm.local_epochs = 1
+    config.algorithm.client.learning_rate = 0.02
+    config.algorithm.client.momentum = 0.9
+    config.data.name = data_name
+    config.data.num_clients = 100
+    config.data.partition.name = "dirichlet"
+    config.data.partition.alpha = float(args.get("alpha", 0.5))
+    config.eval.batch_size = 1000
+    if "runlocal" in args:
+        config.num_rounds = 3
+        config.eval_every_rounds = 3
+        config.checkpoint.every_rounds = 3
+    return config
+
+
+def detection_partition(
+    data_name: str, num_clients: int, clients_per_round: int, arg: str | None
+) -> ml_collections.ConfigDict:
+    """A detection dataset split over clients by its images' box classes: FedCV's greedy
+    partition (He et al. 2021, App. 7.1.2), or with `lda,alpha=<float>` multi-label LDA."""
+    args = parse_arg(arg)
+    config = base_config()
+    config.data.name = data_name
+    config.data.num_clients = num_clients
+    config.algorithm.clients_per_round = clients_per_round
+    config.data.partition.name = "lda_multilabel" if "lda" in args else "fedcv_detection"
+    config.data.partition.alpha = float(args.get("alpha", 0.5))
+    return config
