@@ -125,14 +125,8 @@ def training_examples_per_s(builder: GrainCohortBuilder, min_seconds: float) -> 
     ]
     model = get_model("cnn_hsu", 10)
     params = model.init(jax.random.key(0), batches[0]["image"], train=False)["params"]
-    loss_fn = classification.make_loss_fn(model)
     optimizer = optax.sgd(0.01)
-
-    @jax.jit
-    def step(params, opt_state, batch, key):
-        grads = jax.grad(lambda p: jnp.mean(loss_fn(p, {}, batch, key)[0]))(params)
-        updates, opt_state = optimizer.update(grads, opt_state)
-        return optax.apply_updates(params, updates), opt_state
+    step = classification.make_centralized_step(model, optimizer)
 
     key = jax.random.key(1)
     opt_state = optimizer.init(params)

@@ -73,14 +73,8 @@ def make_cohort(rng, cohort: int, shape, num_classes: int) -> Cohort:
 
 def centralized(model, params, shape, num_classes, batch, rng):
     """A runner of 8 plain SGD steps dispatched from Python on prebuilt batches."""
-    loss_fn = classification.make_loss_fn(model)
     optimizer = optax.sgd(0.01)
-
-    @jax.jit
-    def step(params, opt_state, batch, key):
-        grads = jax.grad(lambda p: jnp.mean(loss_fn(p, {}, batch, key)[0]))(params)
-        updates, opt_state = optimizer.update(grads, opt_state)
-        return optax.apply_updates(params, updates), opt_state
+    step = classification.make_centralized_step(model, optimizer)
 
     batches = [
         jax.device_put(

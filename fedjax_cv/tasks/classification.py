@@ -43,3 +43,17 @@ def make_eval_fn(model: nn.Module):
         }
 
     return eval_fn
+
+
+def make_centralized_step(model: nn.Module, optimizer: optax.GradientTransformation):
+    """A jit-compiled centralized SGD step `(params, opt_state, batch, rng) -> (params,
+    opt_state)` on the mean loss: the baseline federated throughput is measured against."""
+    loss_fn = make_loss_fn(model)
+
+    @jax.jit
+    def step(params, opt_state, batch, rng):
+        grads = jax.grad(lambda p: jnp.mean(loss_fn(p, {}, batch, rng)[0]))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step
