@@ -1,12 +1,33 @@
 """Flax vision models behind one registry: `get_model(name, num_classes, **kwargs)`."""
 
+from fedjax_cv.models.efficientnet import EFFICIENTNETS, EfficientNet
+from fedjax_cv.models.mobilenet_v2 import MobileNetV2
+from fedjax_cv.models.mobilenet_v3 import MobileNetV3, MobileNetV3Large, MobileNetV3Small
 from fedjax_cv.models.norm import NORMS, Norm, group_count
 from fedjax_cv.models.registry import get_model, model_names, register_model
+from fedjax_cv.models.report import ModelReport, count_params, model_report
+from fedjax_cv.models.resnet import ResNet, ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
 from fedjax_cv.models.small_cnn import CNNEmnist, CNNHsu, Logistic
+from fedjax_cv.models.vit import ViT, ViTB16, ViTL16, ViTS16, ViTTi16, resize_position_embedding
 
 register_model("logistic", Logistic)
 register_model("cnn_hsu", CNNHsu)
 register_model("cnn_emnist", CNNEmnist)
+register_model("mobilenet_v2", MobileNetV2)
+register_model("mobilenet_v3_large", MobileNetV3Large)
+register_model("mobilenet_v3_small", MobileNetV3Small)
+for _name, _factory in EFFICIENTNETS.items():
+    register_model(_name, _factory)
+del _name, _factory
+register_model("resnet18", ResNet18)
+register_model("resnet34", ResNet34)
+register_model("resnet50", ResNet50)
+register_model("resnet101", ResNet101)
+register_model("resnet152", ResNet152)
+register_model("vit_ti16", ViTTi16)
+register_model("vit_s16", ViTS16)
+register_model("vit_b16", ViTB16)
+register_model("vit_l16", ViTL16)
 
 __all__ = [
     "NORMS",
@@ -18,4 +39,24 @@ __all__ = [
     "Logistic",
     "CNNHsu",
     "CNNEmnist",
+    "MobileNetV2",
+    "MobileNetV3",
+    "MobileNetV3Large",
+    "MobileNetV3Small",
+    "EfficientNet",
+    "ResNet",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+    "ResNet101",
+    "ResNet152",
+    "ViT",
+    "ViTTi16",
+    "ViTS16",
+    "ViTB16",
+    "ViTL16",
+    "resize_position_embedding",
+    "ModelReport",
+    "count_params",
+    "model_report",
 ]
