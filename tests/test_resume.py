@@ -123,3 +123,18 @@ def test_more_bad_values_fail_before_anything_is_written(tmp_path, key, value, m
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         train_and_evaluate(tiny_config(**{key: value}), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_server_params_turning_nonfinite_stop_the_run_with_checkpoint_intact(tmp_path):
+    # A server learning rate of 1e300 is inf in float32: the first server update overflows.
+    config = tiny_config(**{"algorithm.server.learning_rate": 1e300, "checkpoint.every_rounds": 1})
+    with pytest.raises(TrainingError, match="round 1: the server params became non-finite"):
+        train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints" / "1").exists()
+
+
+def test_clients_whose_loss_overflows_count_as_nonfinite(tmp_path):
+    # Params near 1e36 saturate the softmax: finite gradients, infinite loss.
+    config = tiny_config(**{"algorithm.server.learning_rate": 1e38})
+    with pytest.raises(TrainingError, match="round 2: all 3 clients returned non-finite"):
+        train_and_evaluate(config, str(tmp_path))

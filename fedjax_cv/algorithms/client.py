@@ -152,7 +152,9 @@ def client_program(
     def final(shared, state: ClientState, info: ClientInfo) -> ClientContribution:
         server_params, server_model_state = shared
         delta = jax.tree.map(jnp.subtract, state.params, server_params)
-        finite = all_finite(delta) & all_finite(state.model_state)
+        # A client whose loss overflowed has no trustworthy update, even when saturated
+        # gradients left its delta finite.
+        finite = all_finite(delta) & all_finite(state.model_state) & jnp.isfinite(state.loss_sum)
         real = info.num_examples > 0
         weight = jnp.where(finite & real, client_weight(info), 0.0).astype(jnp.float32)
         # NaN * 0 is NaN: zero the update itself, not just its weight.
