@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = "cnn_hsu"
     config.model.norm = "auto"  # "auto": the model's own default
+    config.model.kwargs = ml_collections.ConfigDict()  # more fields of the model, e.g. width
 
     config.algorithm = ml_collections.ConfigDict()
     config.algorithm.name = "fedavg"

@@ -85,8 +85,13 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
             f"data.name={config.data.name!r} is {dataset.task} data; training is implemented "
             "for classification so far (inspect it with python -m fedjax_cv.data.inspect)"
         )
-    model_kwargs = {} if config.model.norm == "auto" else {"norm": config.model.norm}
-    model = get_model(config.model.name, dataset.num_classes, **model_kwargs)
+    model_kwargs = dict(config.model.kwargs.to_dict())
+    if config.model.norm != "auto":
+        model_kwargs["norm"] = config.model.norm
+    try:
+        model = get_model(config.model.name, dataset.num_classes, **model_kwargs)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     root_key = jax.random.key(config.seed)
     sample = jnp.asarray(prepare({"image": dataset.train["image"][:1]})["image"])
     variables = model.init(jax.random.fold_in(root_key, _INIT_STREAM), sample, train=False)
