@@ -5,9 +5,12 @@
 100 clients split by Dirichlet(alpha=0.5) (Hsu et al. 2019), 10 a round, GroupNorm models at
 32x32 (ViT with 4x4 patches). Args: `model=<name>` (default mobilenet_v2), `alpha=<float>`,
 `runlocal`: 2 rounds of 2 clients with the model shrunk (`TINY`) so it runs on a laptop CPU.
+Transfer (fedjax_cv.config_base.transfer): `mode=finetune|frozen,weights=<path>` starts from
+local pretrained weights, e.g. ImageNet weights converted to .npz, the classifier re-initialised
+for 10 classes; `head_lr=<float>` scales the head's learning rate.
 """
 
-from fedjax_cv.config_base import dirichlet_classification, parse_arg
+from fedjax_cv.config_base import dirichlet_classification, parse_arg, transfer
 
 # Reduced widths and depths of each family for `runlocal`: the same blocks, far fewer FLOPs.
 TINY = {
@@ -34,4 +37,4 @@ def get_config(arg=None):
         config.algorithm.clients_per_round = 2
         kwargs.update(next(v for k, v in TINY.items() if name.startswith(k)))
     config.model.kwargs.update(kwargs)
-    return config
+    return transfer(config, args)

@@ -8,6 +8,7 @@ checkpoint to a temporary folder and renames it when complete; an unfinished one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -15,6 +16,8 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from fedjax_cv.tree_names import key_name
 
 # Keys that may change between a run and its resumption: they steer the loop, not the math.
 _FREE_KEYS = ("num_rounds", "eval_every_rounds", "log_every_rounds", "checkpoint.", "eval.")
@@ -59,19 +62,9 @@ def _normal(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _leaf_name(path) -> str:
-    parts = []
-    for key in path:
-        for attribute in ("key", "name", "idx"):
-            if hasattr(key, attribute):
-                parts.append(str(getattr(key, attribute)))
-                break
-    return ".".join(parts)
-
-
 def _leaf_specs(tree) -> dict[str, tuple]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_leaf_name(p): _spec(x.shape, x.dtype) for p, x in flat}
+    return {key_name(p, sep="."): _spec(x.shape, x.dtype) for p, x in flat}
 
 
 def _spec(shape, dtype) -> str:
@@ -116,3 +109,21 @@ def latest_step(workdir: pathlib.Path) -> int | None:
 def read_saved_config(workdir: pathlib.Path) -> dict | None:
     path = workdir / "config.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def restore(manager: ocp.CheckpointManager, step: int, state):
+    """Checkpoint `step` into `state`'s structure (call `state_difference` first: it compares
+    every leaf).
+
+    Only the state's fields present in the checkpoint are read, so a field added to the state
+    since, empty in this run (`ServerState.client_local = {}`), leaves older checkpoints
+    readable.
+    """
+    saved = set(manager.item_metadata(step).keys())
+    item = {
+        field.name: getattr(state, field.name)
+        for field in dataclasses.fields(state)
+        if field.name in saved
+    }
+    restored = manager.restore(step, args=ocp.args.StandardRestore(item))
+    return state.replace(**restored)

@@ -5,6 +5,7 @@ Keys marked "by name" hold "auto" and take the named algorithm's choice.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 
@@ -35,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.name = "cnn_hsu"
     config.model.norm = "auto"  # "auto": the model's own default
     config.model.kwargs = ml_collections.ConfigDict()  # more fields of the model, e.g. width
+    config.model.weights = ""  # pretrained weights: .npz, .msgpack, orbax dir or a workdir
+    config.model.freeze = "none"  # none | backbone (FedCV 'FZ': only the head trains)
+    config.model.head_lr = 1.0  # learning-rate multiplier of the head (FedCV: new layers 10x)
 
     config.algorithm = ml_collections.ConfigDict()
     config.algorithm.name = "fedavg"
@@ -45,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.algorithm.client_sampling = "auto"  # by name: uniform | size_proportional
     config.algorithm.aggregation = "auto"  # by name: weighted | mean
     config.algorithm.strategy = "auto"  # auto | vmap | sequential | host
+    # FedBN-style client-local state, "auto" by name (fedbn: norm layers and batch_stats local)
+    config.algorithm.local_params = "auto"  # regex over parameter names kept per client
+    config.algorithm.batch_stats = "auto"  # average | local
     config.algorithm.client = ml_collections.ConfigDict()
     config.algorithm.client.learning_rate = 0.05
     config.algorithm.client.momentum = 0.0
@@ -52,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.algorithm.client.proximal_mu = 0.0
     config.algorithm.client.importance_weighting = False  # FedIR
     config.algorithm.client.class_prior = ()  # FedIR's p; () = label frequencies of all clients
+    # 'regex=multiplier' on parameter names, first match wins, 0 freezes: ("classifier=10",)
+    config.algorithm.client.lr_multipliers = ()
     config.algorithm.server = ml_collections.ConfigDict()
     config.algorithm.server.optimizer = "auto"  # by name: sgd | adam | yogi | adagrad
     config.algorithm.server.learning_rate = 1.0
@@ -78,6 +87,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 500
     return config
+
+
+def load_config(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path`: how a variant builds on its base config
+    (config files are loaded by path, not imported as a package)."""
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -118,6 +136,35 @@ def dirichlet_classification(
         config.num_rounds = 3
         config.eval_every_rounds = 3
         config.checkpoint.every_rounds = 3
+    return config
+
+
+TRANSFER_MODES = ("scratch", "finetune", "frozen")
+
+
+def transfer(config: ml_collections.ConfigDict, args: dict[str, str]) -> ml_collections.ConfigDict:
+    """Applies the config args of transfer learning (FedCV's training modes):
+
+    - `mode=scratch` (default): random initialisation;
+    - `mode=finetune,weights=PATH`: start from the weights at PATH (.npz, .msgpack, an orbax
+      checkpoint or a training workdir), a head of another size re-initialised;
+    - `mode=frozen,weights=PATH`: as finetune, with the backbone frozen ('FZ');
+    - `head_lr=<float>`: the head's learning-rate multiplier (FedCV trains new layers at 10x).
+    """
+    mode = args.get("mode", "scratch")
+    if mode not in TRANSFER_MODES:
+        allowed = ", ".join(TRANSFER_MODES)
+        raise ValueError(f"mode={mode!r} is not allowed; must be one of {allowed}")
+    weights = args.get("weights", "")
+    if mode != "scratch" and not weights:
+        raise ValueError(
+            f"mode={mode} needs weights=<path to a .npz, .msgpack, checkpoint or workdir>"
+        )
+    if mode == "scratch" and weights:
+        raise ValueError("weights=... is given with mode=scratch; use mode=finetune or frozen")
+    config.model.weights = weights
+    config.model.freeze = "backbone" if mode == "frozen" else "none"
+    config.model.head_lr = float(args.get("head_lr", 1.0))
     return config
 
 

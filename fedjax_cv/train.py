@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from fedjax_cv import checkpointing, curves
+from fedjax_cv.algorithms.param_groups import frozen_fraction, head_rules
 from fedjax_cv.algorithms.registry import build_algorithm
 from fedjax_cv.data.cohort import prepare, test_batches
 from fedjax_cv.data.federated import FederatedDataset
@@ -34,6 +35,7 @@ from fedjax_cv.data.pipeline import GrainCohortBuilder
 from fedjax_cv.data.registry import build_dataset, partition_params
 from fedjax_cv.engine.strategies import client_mesh
 from fedjax_cv.models import get_model
+from fedjax_cv.models.weights import LoadReport, WeightsError, head_modules, load_pretrained
 from fedjax_cv.tasks import classification
 from fedjax_cv.validation import ConfigError, validate_config
 
@@ -60,6 +62,8 @@ class Experiment:
     eval_fn: Any
     initial_state: Any
     root_key: jax.Array
+    notes: tuple[str, ...] = ()  # what the run starts from, said once when it starts
+    weights_report: LoadReport | None = None
 
 
 def _class_prior(config, dataset: FederatedDataset) -> np.ndarray:
@@ -95,15 +99,35 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     root_key = jax.random.key(config.seed)
     sample = jnp.asarray(prepare({"image": dataset.train["image"][:1]})["image"])
     variables = model.init(jax.random.fold_in(root_key, _INIT_STREAM), sample, train=False)
+    notes, report = [], None
+    if config.model.weights:
+        try:
+            variables, report = load_pretrained(variables, config.model.weights, model=model)
+        except WeightsError as error:
+            raise ConfigError(str(error)) from None
+        notes.append(f"model.weights={config.model.weights!r}: {report.summary()}")
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
+    param_rules = head_rules(
+        head_modules(model),
+        freeze_backbone=config.model.freeze == "backbone",
+        head_lr=config.model.head_lr,
+    )
+    if config.model.freeze == "backbone":
+        share = frozen_fraction(params, param_rules)
+        notes.append(f"model.freeze='backbone': {share:.1%} of the parameters are frozen")
     algorithm = build_algorithm(
         config.algorithm,
         classification.make_loss_fn(model),
         class_prior=_class_prior(config, dataset),
         metric_names=classification.METRIC_NAMES,
+        param_rules=param_rules,
         mesh=client_mesh(),
     )
+    try:
+        initial_state = algorithm.init(params, model_state, num_clients=len(dataset.clients))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     cohorts = GrainCohortBuilder(
         dataset=dataset,
         client_sampler=algorithm.client_sampler,
@@ -122,8 +146,10 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         algorithm=algorithm,
         cohorts=cohorts,
         eval_fn=classification.make_eval_fn(model),
-        initial_state=algorithm.init(params, model_state),
+        initial_state=initial_state,
         root_key=root_key,
+        notes=tuple(notes),
+        weights_report=report,
     )
 
 
@@ -240,10 +266,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config_json.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     if not (workdir_path / "partition.json").exists():
         partition_record(experiment).save(workdir_path / "partition.json")
+    if experiment.weights_report is not None and resume_step is None:
+        (workdir_path / "weights_report.txt").write_text(experiment.weights_report.summary() + "\n")
+    if resume_step is None:
+        for note in experiment.notes:
+            tqdm.write(note)
     manager = checkpointing.manager(workdir_path, config.checkpoint.keep)
     state, start_round = experiment.initial_state, 0
     if resume_step is not None:
-        state = manager.restore(resume_step, args=ocp.args.StandardRestore(state))
+        state = checkpointing.restore(manager, resume_step, state)
         start_round = resume_step
     writer = MetricsWriter(metrics_path, start_round)
     try:

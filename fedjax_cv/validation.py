@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from fedjax_cv.algorithms.param_groups import parse_multipliers
 from fedjax_cv.algorithms.registry import check_algorithm_config
 from fedjax_cv.algorithms.server import AGGREGATIONS, SERVER_OPTIMIZERS
 from fedjax_cv.data.augment import make_augmentation
@@ -14,6 +15,8 @@ from fedjax_cv.data.partition import PARTITIONERS
 from fedjax_cv.data.registry import DATASETS
 from fedjax_cv.engine.strategies import STRATEGIES
 from fedjax_cv.models import NORMS, model_names
+
+FREEZE = ("none", "backbone")
 
 
 class ConfigError(ValueError):
@@ -45,6 +48,9 @@ _RULES = [
     ("checkpoint.keep", lambda v: _integer(v) and v > 0, "a positive integer"),
     ("model.name", lambda v: v in model_names(), f"one of {', '.join(model_names())}"),
     ("model.norm", lambda v: v in ("auto",) + NORMS, f"one of auto, {', '.join(NORMS)}"),
+    ("model.weights", lambda v: isinstance(v, str), "a path ('' for none)"),
+    ("model.freeze", lambda v: v in FREEZE, f"one of {', '.join(FREEZE)}"),
+    ("model.head_lr", lambda v: _number(v) and v >= 0, "a number >= 0"),
     ("algorithm.clients_per_round", lambda v: _integer(v) and v > 0, "a positive integer"),
     ("algorithm.local_epochs", lambda v: _integer(v) and v > 0, "a positive integer"),
     ("algorithm.batch_size", lambda v: _integer(v) and v > 0, "a positive integer"),
@@ -116,5 +122,6 @@ def validate_config(config) -> None:
         )
     try:
         check_algorithm_config(algorithm)
+        parse_multipliers(algorithm.client.lr_multipliers)
     except ValueError as error:
         raise ConfigError(str(error)) from None

@@ -24,7 +24,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _fail(message: str) -> None:
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    text = str(message)
+    if "Traceback (most recent call last)" in text:  # an error raised inside a config file
+        lines = [line for line in text.splitlines() if line.strip()]
+        text = f"{lines[0].split(': Error')[0]}: {lines[-1]}"
+    print(f"error: {' '.join(text.split())}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -9,6 +9,7 @@ from fedjax_cv.algorithms import LossOutput
 from fedjax_cv.engine import ClientInfo, Cohort
 
 DIM, NUM_CLASSES = 3, 4
+NUM_CLIENT_IDS = 64  # make_cohort gives client c the id 7 c
 
 
 def loss_fn(params, model_state, batch, rng):
@@ -42,8 +43,12 @@ def make_cohort(num_clients=3, num_steps=2, batch=4, seed=0, sizes=None) -> Coho
     return Cohort({"x": x, "label": labels}, mask, info)
 
 
-def local_sgd(params, cohort, c, lr, *, mu=0.0, momentum=0.0, weight_decay=0.0, weights=None):
-    """Client c's final params by hand: SGD on the masked, weighted mean loss."""
+def local_sgd(
+    params, cohort, c, lr, *, mu=0.0, momentum=0.0, weight_decay=0.0, weights=None, lr_b=None
+):
+    """Client c's final params by hand: SGD on the masked, weighted mean loss (`lr_b`: another
+    learning rate for b)."""
+    lr_b = lr if lr_b is None else lr_b
     w, b = params["w"].astype(np.float64), float(params["b"])
     w0, b0 = w.copy(), b
     velocity_w, velocity_b = np.zeros_like(w), 0.0
@@ -59,7 +64,7 @@ def local_sgd(params, cohort, c, lr, *, mu=0.0, momentum=0.0, weight_decay=0.0, 
         grad_b = float(np.sum(a * residual) / a.sum()) + mu * (b - b0) + weight_decay * b
         velocity_w = momentum * velocity_w + grad_w
         velocity_b = momentum * velocity_b + grad_b
-        w, b = w - lr * velocity_w, b - lr * velocity_b
+        w, b = w - lr * velocity_w, b - lr_b * velocity_b
     return {"w": w, "b": np.float64(b)}
 
 

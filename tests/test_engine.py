@@ -23,14 +23,18 @@ ALGORITHMS = {
     "fedprox": lambda **kw: algorithms.fedprox(lp.loss_fn, 0.1, proximal_mu=0.2, **kw),
     "fedir": lambda **kw: algorithms.fedir(lp.loss_fn, 0.1, class_prior=[0.4, 0.3, 0.2, 0.1], **kw),
     "fedvc": lambda **kw: algorithms.fedvc(lp.loss_fn, 0.1, virtual_client_size=8, **kw),
+    "fedbn": lambda **kw: algorithms.fedbn(
+        lp.loss_fn, 0.1, local=algorithms.ClientLocal(params="^b$"), **kw
+    ),
 }
 
 
 def two_rounds(algorithm, cohort):
-    state = algorithm.init(lp.initial_params())
+    state = algorithm.init(lp.initial_params(), num_clients=lp.NUM_CLIENT_IDS)
     for r in range(2):
         state, metrics = algorithm.apply(state, cohort, jax.random.key(r))
-    return jax.device_get(state.params), jax.device_get(metrics)
+    kept = {f"local_{k}": v for k, v in state.client_local.get("params", {}).items()}
+    return jax.device_get({**state.params, **kept}), jax.device_get(metrics)
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
@@ -86,13 +90,15 @@ def test_eight_device_sharded_round_matches_single_device():
         mesh = client_mesh()
         cohort = lp.make_cohort(num_clients=5, num_steps=3, sizes=[12, 30, 5, 12, 7])
         out = {}
+        local = algorithms.ClientLocal(params="^b$")
         for strategy in ("vmap", "sequential"):
             for m in (None, mesh):
-                alg = algorithms.fedavgm(lp.loss_fn, 0.1, strategy=strategy, mesh=m)
-                state = alg.init(lp.initial_params())
+                alg = algorithms.fedavgm(lp.loss_fn, 0.1, strategy=strategy, mesh=m, local=local)
+                state = alg.init(lp.initial_params(), num_clients=lp.NUM_CLIENT_IDS)
                 for r in range(2):
                     state, metrics = alg.apply(state, cohort, jax.random.key(r))
-                out[(strategy, m is None)] = jax.device_get(state.params)
+                local_b = state.client_local["params"]["b"]
+                out[(strategy, m is None)] = jax.device_get({**state.params, "local_b": local_b})
                 assert float(metrics["num_clients"]) == 5
         ref = out[("vmap", True)]
         for k, params in out.items():

@@ -13,6 +13,7 @@ import pytest
 from fedjax_cv.config_base import base_config
 from fedjax_cv.train import train_and_evaluate
 from fedjax_cv.validation import ConfigError
+from tests.configs_loader import override, shrink
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,19 +24,9 @@ def tiny_config(**overrides):
     config.eval_every_rounds = 2
     config.checkpoint.every_rounds = 2
     config.model.name = "logistic"
-    config.algorithm.clients_per_round = 3
     config.algorithm.batch_size = 8
-    config.data.num_clients = 6
-    config.data.num_train_examples = 120
-    config.data.num_test_examples = 40
     config.data.image_size = 12
-    for key, value in overrides.items():
-        target = config
-        *path, leaf = key.split(".")
-        for part in path:
-            target = target[part]
-        target[leaf] = value
-    return config
+    return override(shrink(config, num_clients=6, num_train=120), overrides)
 
 
 def read_metrics(workdir) -> list[dict]:

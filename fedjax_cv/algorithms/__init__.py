@@ -1,6 +1,6 @@
 """Federated algorithms as composable pure functions.
 
-Presets: `fedavg`, `fedavgm`, `fedopt`, `fedprox`, `fedir`, `fedvc`; each returns a
+Presets: `fedavg`, `fedavgm`, `fedopt`, `fedprox`, `fedir`, `fedvc`, `fedbn`; each returns a
 `FederatedAlgorithm` with `init(params)` and `apply(state, cohort, rng)`. Compose axes with
 `federated_algorithm`, `ClientObjective` and `virtual_clients`.
 """
@@ -16,6 +16,7 @@ from fedjax_cv.algorithms.compose import (
     client_sgd,
     fedavg,
     fedavgm,
+    fedbn,
     federated_algorithm,
     fedir,
     fedopt,
@@ -23,6 +24,8 @@ from fedjax_cv.algorithms.compose import (
     fedvc,
     virtual_clients,
 )
+from fedjax_cv.algorithms.local_state import FEDBN, ClientLocal
+from fedjax_cv.algorithms.param_groups import freeze_except, parse_multipliers
 from fedjax_cv.algorithms.sampling import (
     ClientSampler,
     ExampleSampler,
@@ -34,6 +37,8 @@ from fedjax_cv.algorithms.sampling import (
 from fedjax_cv.algorithms.server import server_optimizer
 
 __all__ = [
+    "FEDBN",
+    "ClientLocal",
     "ClientObjective",
     "ClientSampler",
     "ExampleSampler",
@@ -44,13 +49,16 @@ __all__ = [
     "client_sgd",
     "fedavg",
     "fedavgm",
+    "fedbn",
     "federated_algorithm",
+    "freeze_except",
     "fedir",
     "fedopt",
     "fedprox",
     "fedvc",
     "importance_table",
     "local_epochs",
+    "parse_multipliers",
     "server_optimizer",
     "size_proportional_clients",
     "uniform_clients",

@@ -36,12 +36,16 @@ class ServerState:
     opt_state: Any
     model_state: ModelState
     round: jax.Array  # int32: rounds applied so far
+    # Each client's own copy of its local values, leaves [num_clients, ...]; {} without any
+    # (see fedjax_cv.algorithms.local_state).
+    client_local: Any = struct.field(default_factory=dict)
 
 
 class FederatedAlgorithm(NamedTuple):
     """A federated algorithm: pure server-side functions plus its host-side samplers.
 
-    - `init(params, model_state=None) -> ServerState`
+    - `init(params, model_state=None, num_clients=0) -> ServerState` (`num_clients` sizes
+      the store of client-local state, FedBN; unused otherwise)
     - `apply(state, cohort, rng) -> (state, metrics)`: one round; `rng` is the round's key and
       client k trains with `fold_in(rng, client_id_k)`.
     - `client_sampler` picks a round's clients and `example_sampler` the examples each client

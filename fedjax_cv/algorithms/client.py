@@ -16,6 +16,7 @@ import optax
 from flax import struct
 
 from fedjax_cv.algorithms.base import PerExampleLoss
+from fedjax_cv.algorithms.local_state import NO_LOCAL, ClientLocal, apply_local, kept_values
 from fedjax_cv.engine.cohort import ClientInfo
 from fedjax_cv.engine.strategies import ClientProgram
 
@@ -95,15 +96,17 @@ def client_program(
     objective: ClientObjective,
     client_weight,
     metric_names: tuple[str, ...] = (),
+    local: ClientLocal = NO_LOCAL,
 ) -> ClientProgram:
     """Builds the one-client update.
 
     `client_weight(info)` is the client's aggregation weight; `metric_names` are the
-    per-example metrics `loss_fn` reports, averaged over the examples trained on.
+    per-example metrics `loss_fn` reports, averaged over the examples trained on; `local` says
+    which values the client starts from its own copy of and hands back (FedBN).
     """
 
-    def init(shared, info: ClientInfo, key):
-        params, model_state = shared
+    def init(shared, info: ClientInfo, key, own):
+        params, model_state = apply_local(*shared, own)
         zero = jnp.zeros((), jnp.float32)
         class_weights = None
         if objective.class_prior is not None:
@@ -149,7 +152,7 @@ def client_program(
             num_trained=state.num_trained + jnp.sum(mask),
         )
 
-    def final(shared, state: ClientState, info: ClientInfo) -> ClientContribution:
+    def final(shared, state: ClientState, info: ClientInfo):
         server_params, server_model_state = shared
         delta = jax.tree.map(jnp.subtract, state.params, server_params)
         # A client whose loss overflowed has no trustworthy update, even when saturated
@@ -159,7 +162,7 @@ def client_program(
         weight = jnp.where(finite & real, client_weight(info), 0.0).astype(jnp.float32)
         # NaN * 0 is NaN: zero the update itself, not just its weight.
         safe = lambda tree: jax.tree.map(lambda x: jnp.where(finite, x, 0.0) * weight, tree)
-        return ClientContribution(
+        contribution = ClientContribution(
             weighted_delta=safe(delta),
             weighted_model_state=safe(state.model_state),
             weight=weight,
@@ -169,5 +172,6 @@ def client_program(
             num_clients=real.astype(jnp.float32),
             num_nonfinite=(real & ~finite).astype(jnp.float32),
         )
+        return contribution, kept_values(local, state.params, state.model_state, finite & real)
 
     return ClientProgram(init=init, step=step, final=final)

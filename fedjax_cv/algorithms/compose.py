@@ -10,6 +10,7 @@ FedVC is one call:
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import optax
@@ -17,6 +18,8 @@ import optax
 from fedjax_cv.algorithms import sampling
 from fedjax_cv.algorithms.base import FederatedAlgorithm, PerExampleLoss
 from fedjax_cv.algorithms.client import ClientObjective, client_program
+from fedjax_cv.algorithms.local_state import FEDBN, NO_LOCAL, ClientLocal, gather, scatter
+from fedjax_cv.algorithms.param_groups import Rule, scale_by_multipliers
 from fedjax_cv.algorithms.sampling import ClientSampler, ExampleSampler
 from fedjax_cv.algorithms.server import (
     aggregation_weight,
@@ -62,6 +65,8 @@ def federated_algorithm(
     client_sampler: ClientSampler | None = None,
     example_sampler: ExampleSampler | None = None,
     metric_names: tuple[str, ...] = (),
+    lr_multipliers: Sequence[Rule] = (),
+    local: ClientLocal = NO_LOCAL,
     strategy: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
     unroll: int | bool | None = None,
@@ -69,11 +74,14 @@ def federated_algorithm(
 ) -> FederatedAlgorithm:
     """Composes one federated algorithm from its axes.
 
-    `strategy` picks how clients execute ('auto', 'vmap', 'sequential', 'host'; see
-    `fedjax_cv.engine.strategies`); with a `mesh` the client axis is sharded over its
-    `clients` axis. `unroll` sets how many local steps the compiled round unrolls (None: see
-    `fedjax_cv.engine.strategies.default_unroll`). With `donate`, `apply` donates the state
-    passed to it: use the state it returns, not the one passed in.
+    `lr_multipliers` scale the client updates by parameter name, 0 freezing (see
+    `fedjax_cv.algorithms.param_groups`). `local` names the values each client keeps across
+    rounds (FedBN; see `fedjax_cv.algorithms.local_state`). `strategy` picks how clients
+    execute ('auto', 'vmap', 'sequential', 'host'; see `fedjax_cv.engine.strategies`); with a
+    `mesh` the client axis is sharded over its `clients` axis. `unroll` sets how many local
+    steps the compiled round unrolls (None: see `fedjax_cv.engine.strategies.default_unroll`).
+    With `donate`, `apply` donates the state passed to it: use the state it returns, not the
+    one passed in.
     """
     objective = objective or ClientObjective()
     if objective.proximal_mu < 0:
@@ -81,29 +89,49 @@ def federated_algorithm(
             f"algorithm.client.proximal_mu={objective.proximal_mu!r} is not allowed; must be >= 0"
         )
     resolve_strategy(strategy, {})  # rejects an unknown name now, not at the first round
+    client_optimizer = scale_by_multipliers(client_optimizer, lr_multipliers)
     program = client_program(
-        loss_fn, client_optimizer, objective, aggregation_weight(aggregation), metric_names
+        loss_fn,
+        client_optimizer,
+        objective,
+        aggregation_weight(aggregation),
+        metric_names,
+        local,
     )
-    update = functools.partial(server_update, server_optimizer)
     donate_argnums = (0,) if donate else ()
+
+    def update(state, total, client_ids, kept):
+        state, metrics = server_update(server_optimizer, state, total)
+        return state.replace(client_local=scatter(state.client_local, client_ids, kept)), metrics
 
     def compiled_round(strategy_name):
         def round_fn(state, cohort, rng):
             shared = (state.params, state.model_state)
-            total = sum_over_clients(
-                program, shared, cohort, rng, strategy=strategy_name, mesh=mesh, unroll=unroll
+            ids = cohort.clients.client_id
+            total, kept = sum_over_clients(
+                program,
+                shared,
+                cohort,
+                rng,
+                strategy=strategy_name,
+                mesh=mesh,
+                unroll=unroll,
+                local=gather(state.client_local, ids),
             )
-            return update(state, total)
+            return update(state, total, ids, kept)
 
         return jax.jit(round_fn, donate_argnums=donate_argnums)
 
     def host_round():
         loop = HostLoop(program)
+        jitted_gather = jax.jit(gather)
         jitted_update = jax.jit(update, donate_argnums=donate_argnums)
 
         def round_fn(state, cohort, rng):
-            total = loop((state.params, state.model_state), cohort, rng)
-            return jitted_update(state, total)
+            ids = cohort.clients.client_id
+            own = jitted_gather(state.client_local, ids)
+            total, kept = loop((state.params, state.model_state), cohort, rng, own)
+            return jitted_update(state, total, ids, kept)
 
         return round_fn
 
@@ -118,12 +146,19 @@ def federated_algorithm(
         return rounds[name](state, cohort, rng)
 
     return FederatedAlgorithm(
-        init=functools.partial(server_init, server_optimizer),
+        init=functools.partial(server_init, server_optimizer, local=local),
         apply=apply,
         client_sampler=client_sampler or sampling.uniform_clients(),
         example_sampler=example_sampler or sampling.local_epochs(1),
         strategy=strategy,
     )
+
+
+def fedbn(loss_fn: PerExampleLoss, client_learning_rate: float, **options) -> FederatedAlgorithm:
+    """FedBN (Li et al. 2021): FedAvg whose clients keep their own normalisation layers
+    (affine parameters and BatchNorm statistics) across rounds. `init` needs `num_clients`."""
+    options.setdefault("local", FEDBN)
+    return fedavg(loss_fn, client_learning_rate, **options)
 
 
 def virtual_clients(size: int) -> dict:

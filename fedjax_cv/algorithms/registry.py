@@ -7,6 +7,7 @@ and `virtual_client_size` is FedAvgM + FedIR + FedVC.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,12 @@ from fedjax_cv.algorithms import sampling
 from fedjax_cv.algorithms.base import FederatedAlgorithm, PerExampleLoss
 from fedjax_cv.algorithms.client import ClientObjective
 from fedjax_cv.algorithms.compose import client_sgd, federated_algorithm
+from fedjax_cv.algorithms.local_state import FEDBN, ClientLocal
+from fedjax_cv.algorithms.param_groups import Rule, parse_multipliers
 from fedjax_cv.algorithms.server import server_optimizer
 
-ALGORITHMS = ("fedavg", "fedavgm", "fedopt", "fedprox", "fedir", "fedvc")
+ALGORITHMS = ("fedavg", "fedavgm", "fedopt", "fedprox", "fedir", "fedvc", "fedbn")
+BATCH_STATS = ("average", "local")
 _SERVER_OPTIMIZER = {"fedopt": "adam"}
 
 
@@ -41,6 +45,19 @@ def check_algorithm_config(config) -> None:
             f"algorithm.virtual_client_size={config.virtual_client_size!r} is not allowed with "
             "fedvc; must be a positive integer"
         )
+    batch_stats = config.batch_stats
+    if batch_stats not in ("auto",) + BATCH_STATS:
+        raise ValueError(
+            f"algorithm.batch_stats={batch_stats!r} is unknown; allowed: auto, "
+            f"{', '.join(BATCH_STATS)}"
+        )
+    try:
+        re.compile(config.local_params)
+    except (re.error, TypeError):
+        raise ValueError(
+            f"algorithm.local_params={config.local_params!r} is not allowed; must be 'auto' or "
+            "a regex over parameter names ('' for none)"
+        ) from None
     if name == "fedopt" and config.server.optimizer not in ("auto", "adam", "yogi", "adagrad"):
         raise ValueError(
             f"algorithm.server.optimizer={config.server.optimizer!r} is not allowed with fedopt; "
@@ -52,17 +69,32 @@ def _by_name(value: str, default: str) -> str:
     return default if value == "auto" else value
 
 
+def client_local(config) -> ClientLocal:
+    """The values clients keep across rounds: FedBN's norm layers by name, else the config's."""
+    fedbn = config.name == "fedbn"
+    return ClientLocal(
+        params=_by_name(config.local_params, FEDBN.params if fedbn else ""),
+        model_state=_by_name(config.batch_stats, "local" if fedbn else "average") == "local",
+    )
+
+
 def build_algorithm(
     config,
     loss_fn: PerExampleLoss,
     *,
     class_prior: np.ndarray | None = None,
     metric_names: tuple[str, ...] = (),
+    param_rules: tuple[Rule, ...] = (),
     mesh: Any = None,
     donate: bool = True,
 ) -> FederatedAlgorithm:
-    """The algorithm `config.algorithm` describes (see the module docstring)."""
+    """The algorithm `config.algorithm` describes (see the module docstring).
+
+    `param_rules` come before the rules of `config.client.lr_multipliers` (a frozen backbone
+    is such a rule, made where the model is known).
+    """
     check_algorithm_config(config)
+    rules = tuple(param_rules) + parse_multipliers(config.client.lr_multipliers)
     virtual = config.virtual_client_size > 0
     if virtual:
         example_sampler = sampling.virtual_client(config.virtual_client_size)
@@ -106,6 +138,8 @@ def build_algorithm(
         client_sampler=samplers[client_sampling](),
         example_sampler=example_sampler,
         metric_names=metric_names,
+        lr_multipliers=rules,
+        local=client_local(config),
         strategy=config.strategy,
         mesh=mesh,
         donate=donate,

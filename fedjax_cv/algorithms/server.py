@@ -13,6 +13,7 @@ import optax
 
 from fedjax_cv.algorithms.base import Metrics, ServerState
 from fedjax_cv.algorithms.client import ClientContribution, all_finite
+from fedjax_cv.algorithms.local_state import NO_LOCAL, ClientLocal, init_store
 
 AGGREGATIONS = ("weighted", "mean")
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
@@ -55,7 +56,14 @@ def server_optimizer(
     )
 
 
-def server_init(optimizer: optax.GradientTransformation, params, model_state=None) -> ServerState:
+def server_init(
+    optimizer: optax.GradientTransformation,
+    params,
+    model_state=None,
+    num_clients: int = 0,
+    *,
+    local: ClientLocal = NO_LOCAL,
+) -> ServerState:
     """A fresh server state. It holds copies: `apply` may donate them, never the caller's."""
     params = jax.tree.map(jnp.array, params)
     model_state = jax.tree.map(jnp.array, {} if model_state is None else model_state)
@@ -64,6 +72,7 @@ def server_init(optimizer: optax.GradientTransformation, params, model_state=Non
         opt_state=optimizer.init(params),
         model_state=model_state,
         round=jnp.zeros((), jnp.int32),
+        client_local=init_store(local, params, model_state, num_clients),
     )
 
 
@@ -83,7 +92,7 @@ def server_update(
     params = optax.apply_updates(state.params, updates)
     model_state = jax.tree.map(lambda s: s / denominator, total.weighted_model_state)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(has_weight, n, o), new, old)
-    new_state = ServerState(
+    new_state = state.replace(
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         model_state=keep(model_state, state.model_state),

@@ -1,8 +1,10 @@
 """How a cohort's client updates execute: vmap, sequential, host loop, sharded over devices.
 
 An algorithm writes its client update for ONE client as a `ClientProgram`; a strategy maps it
-over the cohort and returns the sum over clients of what each client's `final` contributes.
-Every strategy computes the same sums (up to float reassociation), which the tests check.
+over the cohort and returns the sum over clients of what each client's `final` contributes,
+and, stacked over the cohort, what each client keeps for itself (client-local state such as
+FedBN's normalisation layers). Every strategy computes the same results (up to float
+reassociation), which the tests check.
 """
 
 from __future__ import annotations
@@ -27,20 +29,22 @@ CLIENT_AXIS = "clients"
 class ClientProgram(NamedTuple):
     """A client update split as init / step / final (the FedJAX pattern), all pure.
 
-    - `init(shared, info, key) -> state`: start from the server's `shared` values.
+    - `init(shared, info, key, local) -> state`: start from the server's `shared` values and
+      this client's `local` values (a pytree, `{}` when the algorithm keeps none).
     - `step(shared, state, batch, mask) -> state`: one local step on a batch `[batch, ...]`
       whose padded examples have mask False. The engine never lets a batch with no real
       example change the state: no step, no momentum, no weight decay.
-    - `final(shared, state, info) -> contribution`: a pytree summed over the cohort's clients.
+    - `final(shared, state, info) -> (contribution, local)`: the contribution is summed over
+      the cohort's clients; `local` is returned per client, stacked over the cohort.
     """
 
-    init: Callable[[Any, ClientInfo, jax.Array], Any]
+    init: Callable[[Any, ClientInfo, jax.Array, Any], Any]
     step: Callable[[Any, Any, Any, jax.Array], Any]
     final: Callable[[Any, Any, ClientInfo], Any]
 
 
-def _run_one_client(program: ClientProgram, shared, info, examples, mask, round_key, unroll):
-    state = program.init(shared, info, client_key(round_key, info))
+def _run_one_client(program: ClientProgram, shared, info, local, examples, mask, round_key, unroll):
+    state = program.init(shared, info, client_key(round_key, info), local)
 
     def body(state, batch_and_mask):
         batch, batch_mask = batch_and_mask
@@ -75,30 +79,29 @@ def default_unroll(num_steps: int, backend: str | None = None) -> int | bool:
     return True if backend == "cpu" and num_steps <= 16 else 1
 
 
-def _sum_vmap(program, shared, cohort: Cohort, round_key, unroll=None):
+def _sum_vmap(program, shared, cohort: Cohort, local, round_key, unroll=None):
     run = functools.partial(_run_one_client, program, unroll=unroll)
-    per_client = jax.vmap(run, in_axes=(None, 0, 0, 0, None))(
-        shared, cohort.clients, cohort.examples, cohort.mask, round_key
+    per_client, kept = jax.vmap(run, in_axes=(None, 0, 0, 0, 0, None))(
+        shared, cohort.clients, local, cohort.examples, cohort.mask, round_key
     )
-    return jax.tree.map(sum_leading_axis, per_client)
+    return jax.tree.map(sum_leading_axis, per_client), kept
 
 
-def _sum_sequential(program, shared, cohort: Cohort, round_key, unroll=None):
+def _sum_sequential(program, shared, cohort: Cohort, local, round_key, unroll=None):
     """One client at a time inside the compiled round: memory independent of cohort size."""
     run = functools.partial(_run_one_client, program, unroll=unroll)
-    first = jax.tree.map(lambda x: x[0], (cohort.clients, cohort.examples, cohort.mask))
+    clients = (cohort.clients, local, cohort.examples, cohort.mask)
+    first = jax.tree.map(lambda x: x[0], clients)
     zeros = jax.tree.map(
         lambda s: jnp.zeros(s.shape, s.dtype),
-        jax.eval_shape(run, shared, *first, round_key),
+        jax.eval_shape(run, shared, *first, round_key)[0],
     )
 
     def body(total, client):
-        info, examples, mask = client
-        contribution = run(shared, info, examples, mask, round_key)
-        return jax.tree.map(jnp.add, total, contribution), None
+        contribution, kept = run(shared, *client, round_key)
+        return jax.tree.map(jnp.add, total, contribution), kept
 
-    total, _ = lax.scan(body, zeros, (cohort.clients, cohort.examples, cohort.mask))
-    return total
+    return lax.scan(body, zeros, clients)
 
 
 def sum_over_clients(
@@ -110,31 +113,36 @@ def sum_over_clients(
     strategy: str,
     mesh: Mesh | None = None,
     unroll: int | bool | None = None,
+    local=None,
 ):
-    """Sum over the cohort of each client's contribution, traced inside a jit-compiled round.
+    """Sum over the cohort of each client's contribution, and each client's kept local values
+    stacked over the cohort, traced inside a jit-compiled round.
 
-    With a `mesh`, the client axis is split over its `clients` axis by `jax.shard_map`; each
-    device runs its clients with `strategy` ('vmap' or 'sequential') and the partial sums meet
-    in one `psum`.
+    `local` holds each client's own values, leaves `[clients, ...]` (None: none). With a
+    `mesh`, the client axis is split over its `clients` axis by `jax.shard_map`; each device
+    runs its clients with `strategy` ('vmap' or 'sequential') and the partial sums meet in one
+    `psum`.
     """
-    local = {"vmap": _sum_vmap, "sequential": _sum_sequential}[strategy]
-    local = functools.partial(local, program, unroll=unroll)
+    run = {"vmap": _sum_vmap, "sequential": _sum_sequential}[strategy]
+    run = functools.partial(run, program, unroll=unroll)
+    local = {} if local is None else local
     if mesh is None or mesh.shape[CLIENT_AXIS] == 1:
-        return local(shared, cohort, round_key)
+        return run(shared, cohort, local, round_key)
 
-    def shard_body(shared, cohort, round_key):
-        return jax.tree.map(lambda x: lax.psum(x, CLIENT_AXIS), local(shared, cohort, round_key))
+    def shard_body(shared, cohort, local, round_key):
+        total, kept = run(shared, cohort, local, round_key)
+        return jax.tree.map(lambda x: lax.psum(x, CLIENT_AXIS), total), kept
 
     sharded = jax.shard_map(
         shard_body,
         mesh=mesh,
-        in_specs=(P(), P(CLIENT_AXIS), P()),
-        out_specs=P(),
+        in_specs=(P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P()),
+        out_specs=(P(), P(CLIENT_AXIS)),
         # Client state starts from replicated server values and diverges per device; the
         # varying-axis type check would demand casts at every carry for no safety gain here.
         check_vma=False,
     )
-    return sharded(shared, cohort, round_key)
+    return sharded(shared, cohort, local, round_key)
 
 
 class HostLoop:
@@ -148,35 +156,39 @@ class HostLoop:
 
     def __init__(self, program: ClientProgram):
         self._init = jax.jit(
-            lambda shared, info, key: program.init(shared, info, client_key(key, info))
+            lambda shared, info, key, local: program.init(
+                shared, info, client_key(key, info), local
+            )
         )
         self._step = jax.jit(program.step, donate_argnums=1)
-        self._accumulate = jax.jit(
-            lambda total, shared, state, info: jax.tree.map(
-                jnp.add, total, program.final(shared, state, info)
-            ),
-            donate_argnums=0,
-        )
+
+        def accumulate(total, shared, state, info):
+            contribution, kept = program.final(shared, state, info)
+            return jax.tree.map(jnp.add, total, contribution), kept
+
+        self._accumulate = jax.jit(accumulate, donate_argnums=0)
         self._final_shape = program.final
 
-    def __call__(self, shared, cohort: Cohort, round_key: jax.Array):
+    def __call__(self, shared, cohort: Cohort, round_key: jax.Array, local=None):
         cohort = jax.device_get(cohort)
+        local = {} if local is None else local
         step_has_examples = np.asarray(cohort.mask).any(axis=-1)
-        total = None
+        total, kept = None, []
         for c in range(cohort.num_clients):
-            info = jax.tree.map(lambda x, c=c: x[c], cohort.clients)
+            info, own = jax.tree.map(lambda x, c=c: x[c], (cohort.clients, local))
             if total is None:
-                state_shape = jax.eval_shape(self._init, shared, info, round_key)
+                state_shape = jax.eval_shape(self._init, shared, info, round_key, own)
                 total = jax.tree.map(
                     lambda s: jnp.zeros(s.shape, s.dtype),
-                    jax.eval_shape(self._final_shape, shared, state_shape, info),
+                    jax.eval_shape(self._final_shape, shared, state_shape, info)[0],
                 )
-            state = self._init(shared, info, round_key)
+            state = self._init(shared, info, round_key, own)
             for s in np.flatnonzero(step_has_examples[c]):
                 batch = jax.tree.map(lambda x, c=c, s=s: x[c, s], cohort.examples)
                 state = self._step(shared, state, batch, cohort.mask[c, s])
-            total = self._accumulate(total, shared, state, info)
-        return total
+            total, client_kept = self._accumulate(total, shared, state, info)
+            kept.append(client_kept)
+        return total, jax.tree.map(lambda *xs: jnp.stack(xs), *kept)
 
 
 def client_mesh(devices=None) -> Mesh | None:

@@ -8,7 +8,7 @@ block's channels, global pooling, a hard-swish dense layer (1280 or 1024) and th
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -74,6 +74,9 @@ class MobileNetV3(nn.Module):
     map the classifier pools) and creates no classifier parameters; `output_stride` 16 or 8
     dilates the last stages instead of striding.
     """
+
+    # The layers a new task re-initialises (pretrained loading) and a frozen backbone trains.
+    head_modules: ClassVar[tuple[str, ...]] = ("pre_classifier", "classifier")
 
     num_classes: int
     blocks: tuple[BlockSpec, ...] = LARGE_BLOCKS

@@ -14,6 +14,8 @@ value of `fedjax_cv.models.norm.NORMS` inserts that layer after each conv.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -21,6 +23,10 @@ from fedjax_cv.models.norm import Norm
 
 
 class Logistic(nn.Module):
+    # Flax's automatic names; the zoo's classifiers are named `classifier`. These keep the names
+    # of checkpoints written before fine-tuning existed.
+    head_modules: ClassVar[tuple[str, ...]] = ("Dense_0",)
+
     num_classes: int
     norm: str = "none"
 
@@ -31,6 +37,8 @@ class Logistic(nn.Module):
 
 
 class CNNHsu(nn.Module):
+    head_modules: ClassVar[tuple[str, ...]] = ("Dense_2",)
+
     num_classes: int
     norm: str = "none"
     conv_features: int = 64
@@ -48,6 +56,8 @@ class CNNHsu(nn.Module):
 
 
 class CNNEmnist(nn.Module):
+    head_modules: ClassVar[tuple[str, ...]] = ("Dense_1",)
+
     num_classes: int
     norm: str = "none"
     dropout_rate: float = 0.25
