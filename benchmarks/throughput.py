@@ -1,6 +1,6 @@
 """Client-examples/s of a federated round, beside centralized training of the same model.
 
-    python benchmarks/throughput.py --out=/tmp/throughput.json [--workloads=T,C,R]
+    python benchmarks/throughput.py --out=/tmp/throughput.json [--workloads=T,C,R] [--cohorts=10]
 
 Workloads (the core issue's): T logistic and C cnn_emnist on 100 clients x 50 examples of
 28x28x1 with 62 classes; R cnn_hsu on 32x32x3 with 10 classes; batch 10, one local epoch.
@@ -122,7 +122,9 @@ def main() -> None:
     parser.add_argument("--strategies", default="auto,vmap,sequential,host")
     parser.add_argument("--windows", type=int, default=3, help="timing windows per runner")
     parser.add_argument("--seconds", type=float, default=1.0, help="minimum length of a window")
+    parser.add_argument("--cohorts", default="", help="only these cohort sizes, e.g. 10")
     args = parser.parse_args()
+    only = {int(c) for c in args.cohorts.split(",") if c}
     rng = np.random.default_rng(0)
     mesh = client_mesh()  # several devices: also time the sharded round
     rows = []
@@ -130,7 +132,7 @@ def main() -> None:
         model_name, shape, num_classes, cohorts = WORKLOADS[name]
         model = get_model(model_name, num_classes)
         params = model.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False)["params"]
-        for cohort_size in cohorts:
+        for cohort_size in (c for c in cohorts if not only or c in only):
             cohort = jax.device_put(make_cohort(rng, cohort_size, shape, num_classes))
             runners = {
                 "b10": centralized(model, params, shape, num_classes, BATCH, rng),
