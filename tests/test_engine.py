@@ -14,6 +14,7 @@ from scipy import stats
 
 from fedjax_cv import algorithms
 from fedjax_cv.engine import pad_clients, resolve_strategy
+from fedjax_cv.engine.strategies import has_empty_steps
 from tests import linear_problem as lp
 
 ALGORITHMS = {
@@ -77,6 +78,16 @@ def test_padded_examples_steps_and_clients_change_nothing(strategy):
     for key in expected:
         np.testing.assert_allclose(actual[key], expected[key], atol=1e-6)
     assert metrics["num_clients"] == 3
+
+
+def test_steps_are_gated_exactly_when_some_step_has_no_real_example():
+    cohort = lp.make_cohort(num_clients=3, num_steps=2, batch=4)
+    assert not has_empty_steps(cohort)
+    cohort.mask[1, 0, 1:] = False  # a partial batch still steps
+    assert not has_empty_steps(cohort)
+    cohort.mask[2, 1, :] = False
+    assert has_empty_steps(cohort)
+    assert has_empty_steps(pad_clients(lp.make_cohort(), 4))
 
 
 def test_eight_device_sharded_round_matches_single_device():

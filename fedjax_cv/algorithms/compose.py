@@ -29,6 +29,7 @@ from fedjax_cv.algorithms.server import (
 )
 from fedjax_cv.engine.strategies import (
     HostLoop,
+    has_empty_steps,
     resolve_strategy,
     shard_cohort,
     sum_over_clients,
@@ -104,7 +105,7 @@ def federated_algorithm(
         state, metrics = server_update(server_optimizer, state, total)
         return state.replace(client_local=scatter(state.client_local, client_ids, kept)), metrics
 
-    def compiled_round(strategy_name):
+    def compiled_round(strategy_name, gate_steps):
         def round_fn(state, cohort, rng):
             shared = (state.params, state.model_state)
             ids = cohort.clients.client_id
@@ -117,6 +118,7 @@ def federated_algorithm(
                 mesh=mesh,
                 unroll=unroll,
                 local=gather(state.client_local, ids),
+                gate_steps=gate_steps,
             )
             return update(state, total, ids, kept)
 
@@ -139,11 +141,13 @@ def federated_algorithm(
 
     def apply(state, cohort, rng):
         name = resolve_strategy(strategy, state.params)
-        if name not in rounds:
-            rounds[name] = host_round() if name == "host" else compiled_round(name)
         if name != "host":
             cohort = shard_cohort(cohort, mesh)
-        return rounds[name](state, cohort, rng)
+        # One compiled round per strategy, and per whether some client has empty steps.
+        key = (name, name != "host" and has_empty_steps(cohort))
+        if key not in rounds:
+            rounds[key] = host_round() if name == "host" else compiled_round(*key)
+        return rounds[key](state, cohort, rng)
 
     return FederatedAlgorithm(
         init=functools.partial(server_init, server_optimizer, local=local),
