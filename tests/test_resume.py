@@ -9,10 +9,14 @@ import signal
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
+from fedjax_cv import algorithms, checkpointing
 from fedjax_cv.train import TrainingError, train_and_evaluate
 from fedjax_cv.validation import ConfigError
+from tests import linear_problem as lp
 from tests.test_train import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -138,3 +142,32 @@ def test_clients_whose_loss_overflows_count_as_nonfinite(tmp_path):
     config = tiny_config(**{"algorithm.server.learning_rate": 1e38})
     with pytest.raises(TrainingError, match="round 2: all 3 clients returned non-finite"):
         train_and_evaluate(config, str(tmp_path))
+
+
+def test_a_checkpoint_from_before_client_local_state_still_restores(tmp_path):
+    """ServerState gained `client_local` ({} unless FedBN); older checkpoints lack the field."""
+    algorithm = algorithms.fedavgm(lp.loss_fn, 0.1)
+    state, _ = algorithm.apply(
+        algorithm.init(lp.initial_params()), lp.make_cohort(), jax.random.key(0)
+    )
+    old_layout = {
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "model_state": state.model_state,
+        "round": state.round,
+    }
+    manager = checkpointing.manager(tmp_path, keep=1)
+    manager.save(1, args=checkpointing.ocp.args.StandardSave(old_layout))
+    manager.wait_until_finished()
+    target = algorithm.init(lp.initial_params())
+    assert checkpointing.state_difference(manager, 1, target) is None
+    restored = jax.device_get(checkpointing.restore(manager, 1, target))
+    manager.close()
+    assert int(restored.round) == 1 and restored.client_local == {}
+    for key in ("w", "b"):
+        np.testing.assert_array_equal(restored.params[key], jax.device_get(state.params[key]))
+    momentum = jax.tree.leaves(jax.device_get(state.opt_state))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(restored.opt_state), momentum, strict=True)
+    )
