@@ -141,10 +141,14 @@ def federated_algorithm(
 
     def apply(state, cohort, rng):
         name = resolve_strategy(strategy, state.params)
+        # One compiled round per strategy, and per whether some client has empty steps
+        # (decided on the host's cohort, before placement; padding to the mesh adds some).
+        gate_steps = name != "host" and has_empty_steps(cohort)
         if name != "host":
-            cohort = shard_cohort(cohort, mesh)
-        # One compiled round per strategy, and per whether some client has empty steps.
-        key = (name, name != "host" and has_empty_steps(cohort))
+            placed = shard_cohort(cohort, mesh)
+            gate_steps = gate_steps or placed.num_clients != cohort.num_clients
+            cohort = placed
+        key = (name, gate_steps)
         if key not in rounds:
             rounds[key] = host_round() if name == "host" else compiled_round(*key)
         return rounds[key](state, cohort, rng)
