@@ -66,7 +66,7 @@ def make_cohort(rng, cohort: int, shape, num_classes: int) -> Cohort:
         client_id=np.arange(cohort, dtype=np.int32),
         occurrence=np.zeros(cohort, np.int32),
         num_examples=np.full(cohort, EXAMPLES_PER_CLIENT, np.float32),
-        label_histogram=np.ones((cohort, num_classes), np.float32),
+        label_counts=np.ones((cohort, num_classes), np.float32),
     )
     return Cohort({"image": images, "label": labels}, np.ones((cohort, steps, BATCH), bool), info)
 

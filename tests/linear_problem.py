@@ -38,7 +38,7 @@ def make_cohort(num_clients=3, num_steps=2, batch=4, seed=0, sizes=None) -> Coho
         client_id=np.arange(num_clients, dtype=np.int32) * 7,
         occurrence=np.zeros(num_clients, np.int32),
         num_examples=sizes.astype(np.float32),
-        label_histogram=histograms,
+        label_counts=histograms,
     )
     return Cohort({"x": x, "label": labels}, mask, info)
 

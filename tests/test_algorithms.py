@@ -110,7 +110,7 @@ def test_fedir_self_normalises_the_weighted_loss_over_each_batch(strategy):
     )
     finals = []
     for c in range(3):
-        q = cohort.clients.label_histogram[c] / cohort.clients.label_histogram[c].sum()
+        q = cohort.clients.label_counts[c] / cohort.clients.label_counts[c].sum()
         table = np.where(q > 0, prior / np.where(q > 0, q, 1), 0)
         finals.append(lp.local_sgd(params, cohort, c, LR, weights=lambda y, t=table: t[y]))
     delta = lp.mean_delta(params, cohort, finals, cohort.clients.num_examples)
@@ -155,7 +155,7 @@ def test_composition_fedavgm_fedir_fedvc_in_one_algorithm():
     state, _ = run_rounds(algorithm, [cohort])
     finals = []
     for c in range(3):
-        q = cohort.clients.label_histogram[c] / cohort.clients.label_histogram[c].sum()
+        q = cohort.clients.label_counts[c] / cohort.clients.label_counts[c].sum()
         table = np.where(q > 0, prior / np.where(q > 0, q, 1), 0)
         finals.append(lp.local_sgd(params, cohort, c, LR, weights=lambda y, t=table: t[y]))
     delta = lp.mean_delta(params, cohort, finals, [1, 1, 1])

@@ -36,9 +36,9 @@ class ClientObjective(NamedTuple):
     label_key: str = "label"
 
 
-def importance_table(class_prior: jax.Array, label_histogram: jax.Array) -> jax.Array:
+def importance_table(class_prior: jax.Array, label_counts: jax.Array) -> jax.Array:
     """p(y) / q_k(y) for every class y; 0 where the client holds no example of y."""
-    q = label_histogram / jnp.maximum(jnp.sum(label_histogram), 1.0)
+    q = label_counts / jnp.maximum(jnp.sum(label_counts), 1.0)
     return jnp.where(q > 0, class_prior / jnp.where(q > 0, q, 1.0), 0.0)
 
 
@@ -110,7 +110,7 @@ def client_program(
         zero = jnp.zeros((), jnp.float32)
         class_weights = None
         if objective.class_prior is not None:
-            class_weights = importance_table(objective.class_prior, info.label_histogram)
+            class_weights = importance_table(objective.class_prior, info.label_counts)
         return ClientState(
             params=params,
             opt_state=optimizer.init(params),

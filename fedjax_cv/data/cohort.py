@@ -118,7 +118,7 @@ class CohortBuilder:
             client_id=ids.astype(np.int32),
             occurrence=layout.occurrence,
             num_examples=self.dataset.client_sizes[ids].astype(np.float32),
-            label_histogram=self.dataset.label_histograms[ids].astype(np.float32),
+            label_counts=self.dataset.label_histograms[ids].astype(np.float32),
         )
         return Cohort(
             examples={k: v.reshape(shape + v.shape[2:]) for k, v in examples.items()},

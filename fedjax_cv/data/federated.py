@@ -21,8 +21,11 @@ class FederatedDataset:
     clients: tuple[np.ndarray, ...]
     num_classes: int
     class_names: tuple[str, ...] = ()
-    label_key: str = "label"  # per-image box classes for detection data
-    task: str = "classification"  # or "detection"
+    label_key: str = "label"  # per-image box classes for detection data, masks for segmentation
+    task: str = "classification"  # the task plug-in that trains on it (fedjax_cv.tasks)
+    # [num_train, num_classes] label counts of each train example when `train[label_key]` is
+    # not a class id or a list of them (pixels of each class for masks); None: counted from it.
+    label_counts: np.ndarray | None = None
 
     @property
     def client_sizes(self) -> np.ndarray:
@@ -31,6 +34,9 @@ class FederatedDataset:
     @functools.cached_property
     def label_histograms(self) -> np.ndarray:
         """[num_clients, num_classes] label counts of the train split."""
+        if self.label_counts is not None:
+            counts = np.asarray(self.label_counts, np.int64)
+            return np.stack([counts[idx].sum(axis=0) for idx in self.clients])
         return partition_lib.label_histograms(
             self.train[self.label_key], self.clients, self.num_classes
         )
@@ -45,10 +51,11 @@ class FederatedDataset:
     ) -> partition_lib.Partition:
         """The train split's partition with its statistics, ready to save as partition.json."""
         stats = partition_lib.partition_stats(
-            self.train[self.label_key],
+            None if self.label_counts is not None else self.train[self.label_key],
             self.clients,
             self.num_classes,
             count_boxes=self.task == "detection",
+            histograms=None if self.label_counts is None else self.label_histograms,
         )
         return partition_lib.Partition(
             name=name, seed=seed, clients=self.clients, stats=stats, params=dict(params or {})

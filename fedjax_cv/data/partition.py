@@ -491,18 +491,26 @@ def partition_stats(
     clients: Sequence[np.ndarray],
     num_classes: int | None = None,
     count_boxes: bool = False,
+    histograms: np.ndarray | None = None,
 ) -> PartitionStats:
-    """Sizes, class histograms and mean EMD of `clients`; box counts when `count_boxes`."""
-    multilabel = is_multilabel(labels)
-    if num_classes is None:
-        flat = (
-            [int(np.max(x)) for x in labels if np.size(x)] if multilabel else [int(np.max(labels))]
-        )
-        num_classes = max(flat, default=-1) + 1
-    histograms = label_histograms(labels, clients, num_classes)
+    """Sizes, class histograms and mean EMD of `clients`; box counts when `count_boxes`.
+
+    `histograms` [num_clients, num_classes], when given, are the class counts to report
+    instead of counting `labels` (pixel counts of segmentation masks).
+    """
+    if histograms is None:
+        multilabel = is_multilabel(labels)
+        if num_classes is None:
+            flat = (
+                [int(np.max(x)) for x in labels if np.size(x)]
+                if multilabel
+                else [int(np.max(labels))]
+            )
+            num_classes = max(flat, default=-1) + 1
+        histograms = label_histograms(labels, clients, num_classes)
     box_counts = None
     if count_boxes:
-        if not multilabel:
+        if not is_multilabel(labels):
             raise ValueError("count_boxes needs multi-label data: the box classes of each image")
         per_image = np.asarray([np.size(x) for x in labels], np.int64)
         box_counts = tuple(int(per_image[idx].sum()) for idx in clients)

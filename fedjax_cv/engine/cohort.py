@@ -23,7 +23,9 @@ class ClientInfo:
     client_id: Array  # int32
     occurrence: Array  # int32
     num_examples: Array  # float32, n_k: the client's dataset size; 0 marks a padded client
-    label_histogram: Array  # float32 [num_classes]
+    # float32 [num_classes]: the client's label counts over its train examples (images for
+    # classification, pixels for masks, boxes for detection), FedIR's q_k.
+    label_counts: Array
 
 
 @struct.dataclass
