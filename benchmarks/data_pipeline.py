@@ -38,7 +38,7 @@ from fedjax_cv.data.partition import make_partition
 from fedjax_cv.data.pipeline import GrainCohortBuilder
 from fedjax_cv.data.registry import image_folder_dataset
 from fedjax_cv.models import get_model
-from fedjax_cv.tasks import classification
+from fedjax_cv.tasks import get_task, make_centralized_step
 
 TRAIN_BATCH = 20
 COCO_AUGMENTATION = Augmentation(
@@ -126,7 +126,7 @@ def training_examples_per_s(builder: GrainCohortBuilder, min_seconds: float) -> 
     model = get_model("cnn_hsu", 10)
     params = model.init(jax.random.key(0), batches[0]["image"], train=False)["params"]
     optimizer = optax.sgd(0.01)
-    step = classification.make_centralized_step(model, optimizer)
+    step = make_centralized_step(get_task("classification"), model, optimizer)
 
     key = jax.random.key(1)
     opt_state = optimizer.init(params)

@@ -27,7 +27,7 @@ import optax
 from fedjax_cv import algorithms
 from fedjax_cv.engine import ClientInfo, Cohort, client_mesh, resolve_strategy
 from fedjax_cv.models import get_model
-from fedjax_cv.tasks import classification
+from fedjax_cv.tasks import get_task, make_centralized_step
 
 WORKLOADS = {
     # name: (model, image shape, classes, cohorts)
@@ -74,7 +74,7 @@ def make_cohort(rng, cohort: int, shape, num_classes: int) -> Cohort:
 def centralized(model, params, shape, num_classes, batch, rng):
     """A runner of 8 plain SGD steps dispatched from Python on prebuilt batches."""
     optimizer = optax.sgd(0.01)
-    step = classification.make_centralized_step(model, optimizer)
+    step = make_centralized_step(get_task("classification"), model, optimizer)
 
     batches = [
         jax.device_put(
@@ -99,11 +99,11 @@ def centralized(model, params, shape, num_classes, batch, rng):
 def federated(model, params, cohort, strategy, mesh=None):
     """A runner of one FedAvg round on `cohort` with `strategy` (sharded over `mesh`)."""
     algorithm = algorithms.fedavg(
-        classification.make_loss_fn(model),
+        get_task("classification").make_loss_fn(model),
         0.01,
         strategy=strategy,
         mesh=mesh,
-        metric_names=classification.METRIC_NAMES,
+        metric_names=get_task("classification").metric_names,
     )
     state = [algorithm.init(params)]
     key = jax.random.key(1)

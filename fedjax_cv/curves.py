@@ -21,8 +21,13 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def plot_learning_curves(metrics_path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Train loss and accuracy, eval accuracy (and mIoU / mAP@0.5 when logged) per round."""
+def plot_learning_curves(
+    metrics_path: str | os.PathLike,
+    out: str | os.PathLike,
+    score_keys: tuple[str, ...] = ("train/accuracy", "eval/accuracy"),
+) -> Path:
+    """Train and eval loss (left, log scale) and the `score_keys` (right) per round: the
+    task's metrics, such as accuracy or mIoU."""
     records = read_metrics(metrics_path)
     figure = Figure(figsize=(10, 4))
     FigureCanvasAgg(figure)
@@ -31,7 +36,7 @@ def plot_learning_curves(metrics_path: str | os.PathLike, out: str | os.PathLike
         points = [(r["round"], r[key]) for r in records if key in r]
         if points:
             axes.plot(*zip(*points, strict=True), label=key, marker="." if "eval" in key else None)
-    for key in ("train/accuracy", "eval/accuracy", "eval/miou", "eval/map50"):
+    for key in score_keys:
         points = [(r["round"], r[key]) for r in records if key in r]
         if points:
             score_axes.plot(

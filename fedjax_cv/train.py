@@ -29,14 +29,15 @@ from tqdm import tqdm
 from fedjax_cv import checkpointing, curves
 from fedjax_cv.algorithms.param_groups import frozen_fraction, head_rules
 from fedjax_cv.algorithms.registry import build_algorithm
-from fedjax_cv.data.cohort import prepare, test_batches
+from fedjax_cv.data.augment import Augmentation, make_augmentation
+from fedjax_cv.data.cohort import test_batches
 from fedjax_cv.data.federated import FederatedDataset
 from fedjax_cv.data.pipeline import GrainCohortBuilder
 from fedjax_cv.data.registry import build_dataset, partition_params
 from fedjax_cv.engine.strategies import client_mesh
 from fedjax_cv.models import get_model
 from fedjax_cv.models.weights import LoadReport, WeightsError, head_modules, load_pretrained
-from fedjax_cv.tasks import classification
+from fedjax_cv.tasks import Task, get_task, merge_stats, pictures
 from fedjax_cv.validation import ConfigError, validate_config
 
 _INIT_STREAM, _TRAIN_STREAM = 0, 1
@@ -56,10 +57,13 @@ class Experiment:
 
     config: ml_collections.ConfigDict
     dataset: FederatedDataset
+    task: Task
     model: Any
     algorithm: Any
     cohorts: GrainCohortBuilder
     eval_fn: Any
+    eval_transform: Augmentation | None  # what test examples go through (None: nothing)
+    predict_fn: Any  # (params, model_state, images) -> the task's predictions
     initial_state: Any
     root_key: jax.Array
     notes: tuple[str, ...] = ()  # what the run starts from, said once when it starts
@@ -84,11 +88,10 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     """Validates `config` and builds the run; raises ConfigError / ValueError on bad input."""
     validate_config(config)
     dataset = build_dataset(config.data, config.seed)
-    if dataset.task != "classification":
-        raise ConfigError(
-            f"data.name={config.data.name!r} is {dataset.task} data; training is implemented "
-            "for classification so far (inspect it with python -m fedjax_cv.data.inspect)"
-        )
+    try:
+        task = get_task(dataset.task)
+    except ValueError as error:
+        raise ConfigError(f"data.name={config.data.name!r}: {error}") from None
     model_kwargs = dict(config.model.kwargs.to_dict())
     if config.model.norm != "auto":
         model_kwargs["norm"] = config.model.norm
@@ -97,8 +100,19 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     root_key = jax.random.key(config.seed)
-    sample = jnp.asarray(prepare({"image": dataset.train["image"][:1]})["image"])
-    variables = model.init(jax.random.fold_in(root_key, _INIT_STREAM), sample, train=False)
+    eval_transform = make_augmentation(config.data.augmentation).deterministic()
+    eval_transform = None if eval_transform.is_identity else eval_transform
+    batch, _ = next(test_batches({"image": dataset.train["image"]}, 1, eval_transform))
+    sample = jnp.asarray(batch["image"])
+    init_key = jax.random.fold_in(root_key, _INIT_STREAM)
+    try:
+        output = jax.eval_shape(
+            lambda x: model.init_with_output(init_key, x, train=False)[0], sample
+        )
+        task.check_output(output.shape, sample.shape, f"model.name={config.model.name!r}")
+    except ValueError as error:
+        raise ConfigError(f"{error} (data.name={config.data.name!r} is {task.name} data)") from None
+    variables = model.init(init_key, sample, train=False)
     notes, report = [], None
     if config.model.weights:
         try:
@@ -118,9 +132,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         notes.append(f"model.freeze='backbone': {share:.1%} of the parameters are frozen")
     algorithm = build_algorithm(
         config.algorithm,
-        classification.make_loss_fn(model),
+        task.make_loss_fn(model),
         class_prior=_class_prior(config, dataset),
-        metric_names=classification.METRIC_NAMES,
+        metric_names=task.metric_names,
         param_rules=param_rules,
         mesh=client_mesh(),
     )
@@ -142,10 +156,13 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     return Experiment(
         config=config,
         dataset=dataset,
+        task=task,
         model=model,
         algorithm=algorithm,
         cohorts=cohorts,
-        eval_fn=classification.make_eval_fn(model),
+        eval_fn=task.make_eval_fn(model),
+        eval_transform=eval_transform,
+        predict_fn=task.predict(model),
         initial_state=initial_state,
         root_key=root_key,
         notes=tuple(notes),
@@ -161,14 +178,46 @@ def partition_record(experiment: Experiment):
     )
 
 
+def evaluation_stats(experiment: Experiment, state) -> dict:
+    """The task's evaluation statistics of `state` on the whole test split, summed."""
+    stats = None
+    batches = test_batches(
+        experiment.dataset.test, experiment.config.eval.batch_size, experiment.eval_transform
+    )
+    for batch, mask in batches:
+        stats = merge_stats(stats, experiment.eval_fn(state.params, state.model_state, batch, mask))
+    return stats
+
+
 def evaluate(experiment: Experiment, state) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    for batch, mask in test_batches(experiment.dataset.test, experiment.config.eval.batch_size):
-        sums = experiment.eval_fn(state.params, state.model_state, batch, mask)
-        for key, value in jax.device_get(sums).items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-    count = max(totals.pop("count", 0.0), 1.0)
-    return {f"eval/{key}": value / count for key, value in totals.items()}
+    """`eval/<metric>` of `state` on the test split (the task's `finalize`)."""
+    metrics = experiment.task.finalize(evaluation_stats(experiment, state))
+    return {f"eval/{key}": value for key, value in metrics.items()}
+
+
+NUM_PICTURED = 8  # test images in each predictions picture
+
+
+def evaluate_and_report(experiment: Experiment, state, workdir: pathlib.Path, completed: int):
+    """`evaluate`, and beside metrics.jsonl: the task's per-class details of this round
+    (`eval_details.json`, the latest evaluation) and a picture of predictions on the first
+    test images (`predictions/round_<r>.png`)."""
+    task = experiment.task
+    stats = evaluation_stats(experiment, state)
+    details = {"round": completed, **task.details(stats, experiment.dataset.class_names)}
+    (workdir / "eval_details.json").write_text(json.dumps(details, indent=1) + "\n")
+    batch, _ = next(test_batches(experiment.dataset.test, NUM_PICTURED, experiment.eval_transform))
+    predicted = experiment.predict_fn(state.params, state.model_state, batch["image"])
+    truth = batch[experiment.dataset.label_key]
+    figure = task.plot_predictions(
+        batch["image"],
+        truth,
+        np.asarray(predicted),
+        experiment.dataset.class_names,
+        title=f"round {completed}: predicted / true",
+    )
+    pictures.save(figure, workdir / "predictions" / f"round_{completed:05d}.png")
+    return {f"eval/{key}": value for key, value in task.finalize(stats).items()}
 
 
 class TrainingError(RuntimeError):
@@ -278,17 +327,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         start_round = resume_step
     writer = MetricsWriter(metrics_path, start_round)
     try:
-        record = _run_rounds(experiment, state, start_round, manager, writer)
+        record = _run_rounds(experiment, state, start_round, manager, writer, workdir_path)
     finally:
         writer.close()
         manager.wait_until_finished()
         manager.close()
-    curves.plot_learning_curves(metrics_path, workdir_path / "learning_curves.png")
+    curves.plot_learning_curves(
+        metrics_path,
+        workdir_path / "learning_curves.png",
+        score_keys=_score_keys(experiment.task),
+    )
     return record
 
 
-def _run_rounds(experiment, state, start_round, manager, writer) -> dict[str, Any]:
+def _score_keys(task: Task) -> tuple[str, ...]:
+    """The metrics.jsonl keys of the task's scores: training metrics, then eval metrics."""
+    eval_keys = (task.headline,) + tuple(k for k in task.metric_names if k != task.headline)
+    return tuple(f"train/{k}" for k in task.metric_names) + tuple(f"eval/{k}" for k in eval_keys)
+
+
+def _run_rounds(experiment, state, start_round, manager, writer, workdir) -> dict[str, Any]:
     config = experiment.config
+    shown = ("train/loss",) + _score_keys(experiment.task)
     num_rounds = config.num_rounds
     train_key = jax.random.fold_in(experiment.root_key, _TRAIN_STREAM)
     kill_round = int(os.environ.get("FEDJAX_CV_FAULT_KILL_DURING_SAVE", "0"))
@@ -315,7 +375,7 @@ def _run_rounds(experiment, state, start_round, manager, writer) -> dict[str, An
             if completed % config.log_every_rounds == 0 or completed == num_rounds:
                 record.update({f"train/{k}": v for k, v in train.items()})
             if completed % config.eval_every_rounds == 0 or completed == num_rounds:
-                record.update(evaluate(experiment, state))
+                record.update(evaluate_and_report(experiment, state, workdir, completed))
             if completed == num_rounds:
                 record["params_sha256"] = params_sha256(state.params)
             if len(record) > 1:
@@ -328,11 +388,7 @@ def _run_rounds(experiment, state, start_round, manager, writer) -> dict[str, An
                     os.kill(os.getpid(), signal.SIGKILL)
             progress.update(1)
             progress.set_postfix(
-                {
-                    k.split("/")[-1]: f"{record[k]:.3f}"
-                    for k in ("train/loss", "train/accuracy", "eval/accuracy")
-                    if k in record
-                }
+                {k.replace("train/", ""): f"{record[k]:.3f}" for k in shown if k in record}
                 | {"ex/s": f"{train['examples_per_s']:.0f}"}
             )
             if stop.signal is not None:
@@ -341,7 +397,7 @@ def _run_rounds(experiment, state, start_round, manager, writer) -> dict[str, An
                 break
     progress.close()
     if num_rounds == 0:
-        record = {"round": 0, **evaluate(experiment, state)}
+        record = {"round": 0, **evaluate_and_report(experiment, state, workdir, 0)}
         record["params_sha256"] = params_sha256(state.params)
         writer.write(record)
     return record

@@ -12,12 +12,14 @@ DIM, NUM_CLASSES = 3, 4
 NUM_CLIENT_IDS = 64  # make_cohort gives client c the id 7 c
 
 
-def loss_fn(params, model_state, batch, rng):
-    """0.5 (w.x + b - y)^2 per example, y the integer label as a number."""
+def loss_fn(params, model_state, batch, rng, class_weights=None):
+    """0.5 (w.x + b - y)^2 per example, y the integer label as a number; under FedIR each
+    example weighs `class_weights[y]`."""
     del rng
     prediction = batch["x"] @ params["w"] + params["b"]
     losses = 0.5 * jnp.square(prediction - batch["label"].astype(jnp.float32))
-    return losses, LossOutput(model_state=model_state, metrics={})
+    weights = None if class_weights is None else class_weights[batch["label"]]
+    return losses, LossOutput(model_state=model_state, metrics={}, example_weights=weights)
 
 
 def initial_params(seed: int = 0) -> dict:

@@ -21,11 +21,17 @@ class LossOutput(NamedTuple):
 
     model_state: ModelState  # updated non-param variables (BatchNorm statistics)
     metrics: dict[str, jax.Array]  # per-example metrics [batch] to average, e.g. accuracy
+    # FedIR: each example's importance weight [batch] when the loss was given `class_weights`
+    # (p(y)/q_k(y) of its label; the mean over its valid pixels for masks); None otherwise.
+    example_weights: jax.Array | None = None
 
 
 # loss_fn(params, model_state, batch, rng) -> (per-example losses [batch], LossOutput), in
 # training mode. Per-example losses let the engine mask padding and FedIR reweight examples.
-PerExampleLoss = Callable[[Params, ModelState, Batch, jax.Array], tuple[jax.Array, LossOutput]]
+# FedIR calls it with the keyword `class_weights` ([num_classes] table of p(y)/q_k(y)): the
+# loss then weighs what lies inside an example (pixels of a mask, boxes of an image) and
+# reports each example's weight in `LossOutput.example_weights`.
+PerExampleLoss = Callable[..., tuple[jax.Array, LossOutput]]
 
 
 @struct.dataclass

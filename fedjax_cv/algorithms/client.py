@@ -27,13 +27,13 @@ class ClientObjective(NamedTuple):
     - `class_prior`: None for plain training; for FedIR (Hsu, Qi and Brown 2020, eq. 1-4) the
       population label distribution p, so an example of label y gets weight p(y) / q_k(y),
       q_k the client's own label distribution, self-normalised over the batch.
+      The task's loss applies the weights (`class_weights` keyword of `PerExampleLoss`), so
+      FedIR weighs images, pixels or boxes alike.
     - `proximal_mu`: FedProx (Li et al. 2020) adds mu/2 ||w - w_server||^2.
-    - `label_key`: the batch entry holding integer labels, used by FedIR.
     """
 
     class_prior: jax.Array | None = None
     proximal_mu: float = 0.0
-    label_key: str = "label"
 
 
 def importance_table(class_prior: jax.Array, label_counts: jax.Array) -> jax.Array:
@@ -127,13 +127,16 @@ def client_program(
         server_params, _ = shared
         mask = mask.astype(jnp.float32)
         key = jax.random.fold_in(state.rng, state.steps)
-        if state.class_weights is None:
-            example_weights = jnp.ones_like(mask)
-        else:
-            example_weights = state.class_weights[batch[objective.label_key]]
 
         def value(params):
-            losses, out = loss_fn(params, state.model_state, batch, key)
+            if state.class_weights is None:
+                losses, out = loss_fn(params, state.model_state, batch, key)
+                example_weights = jnp.ones_like(mask)
+            else:
+                losses, out = loss_fn(
+                    params, state.model_state, batch, key, class_weights=state.class_weights
+                )
+                example_weights = out.example_weights
             total = objective_value(objective, losses, mask, example_weights, params, server_params)
             return total, (losses, out)
 

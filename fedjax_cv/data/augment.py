@@ -387,6 +387,10 @@ class Augmentation:
         if self.max_boxes is not None and self.max_boxes < 1:
             raise bad("max_boxes", "None or a positive integer")
 
+    def deterministic(self) -> Augmentation:
+        """The same transforms without the random ones: what evaluation inputs go through."""
+        return dataclasses.replace(self, scale_range=None, crop_padding=0, flip=False)
+
     @property
     def is_identity(self) -> bool:
         """Whether examples pass through unchanged."""
@@ -426,6 +430,10 @@ AUGMENTATIONS: dict[str, Augmentation] = {
     "flip": Augmentation("flip", flip=True),
     # Scale jitter and flip: the usual geometry for detection and segmentation.
     "scale_flip": Augmentation("scale_flip", scale_range=(0.75, 1.25), flip=True),
+    # DeepLab's training geometry (Chen et al. 2018), which FedCV trains segmentation with:
+    # scale by U(0.5, 2.0), crop (larger) or pad (smaller; the mask with the ignore label) back
+    # to image_size, flip. Set image_size for images of mixed sizes.
+    "segmentation": Augmentation("segmentation", scale_range=(0.5, 2.0), flip=True),
 }
 
 

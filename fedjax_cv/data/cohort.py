@@ -127,11 +127,26 @@ class CohortBuilder:
         )
 
 
-def test_batches(examples: dict[str, np.ndarray], batch_size: int):
-    """Yields (batch, mask) over a split in order, the last batch padded to full size."""
+def test_batches(examples: dict, batch_size: int, transform=None):
+    """Yields (batch, mask) over a split in order, the last batch padded to full size.
+
+    `transform(example, rng)`, when given, maps each example first: the deterministic part of
+    the training augmentation (resize, channels, box padding; see
+    `fedjax_cv.data.augment.Augmentation.deterministic`), so evaluation sees inputs shaped as
+    training does.
+    """
     n = len(next(iter(examples.values())))
+    per_example = transform is not None or not all(
+        isinstance(v, np.ndarray) for v in examples.values()
+    )
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         index = np.arange(start, start + batch_size) % n
         mask = np.arange(start, start + batch_size) < stop
-        yield prepare({k: v[index] for k, v in examples.items()}), mask
+        if not per_example:
+            yield prepare({k: v[index] for k, v in examples.items()}), mask
+            continue
+        rows = [{k: v[int(i)] for k, v in examples.items()} for i in index]
+        if transform is not None:
+            rows = [transform(row, None) for row in rows]
+        yield prepare({k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}), mask
