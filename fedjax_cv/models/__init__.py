@@ -1,5 +1,12 @@
 """Flax vision models behind one registry: `get_model(name, num_classes, **kwargs)`."""
 
+from fedjax_cv.models.deeplab import (
+    DeepLabV3Plus,
+    DeepLabV3PlusMobileNetV2,
+    DeepLabV3PlusResNet,
+    DeepLabV3PlusResNet50,
+    DeepLabV3PlusResNet101,
+)
 from fedjax_cv.models.efficientnet import EFFICIENTNETS, EfficientNet
 from fedjax_cv.models.mobilenet_v2 import MobileNetV2
 from fedjax_cv.models.mobilenet_v3 import MobileNetV3, MobileNetV3Large, MobileNetV3Small
@@ -8,6 +15,14 @@ from fedjax_cv.models.registry import get_model, model_names, register_model
 from fedjax_cv.models.report import ModelReport, count_params, model_report
 from fedjax_cv.models.resnet import ResNet, ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
 from fedjax_cv.models.small_cnn import CNNEmnist, CNNHsu, Logistic
+from fedjax_cv.models.unet import (
+    BackboneUNet,
+    UNet,
+    UNetMobileNetV2,
+    UNetResNet,
+    UNetResNet50,
+    UNetResNet101,
+)
 from fedjax_cv.models.vit import ViT, ViTB16, ViTL16, ViTS16, ViTTi16, resize_position_embedding
 
 register_model("logistic", Logistic)
@@ -28,6 +43,13 @@ register_model("vit_ti16", ViTTi16)
 register_model("vit_s16", ViTS16)
 register_model("vit_b16", ViTB16)
 register_model("vit_l16", ViTL16)
+register_model("deeplabv3plus_mobilenet_v2", DeepLabV3PlusMobileNetV2)
+register_model("deeplabv3plus_resnet50", DeepLabV3PlusResNet50)
+register_model("deeplabv3plus_resnet101", DeepLabV3PlusResNet101)
+register_model("unet", UNet)
+register_model("unet_mobilenet_v2", UNetMobileNetV2)
+register_model("unet_resnet50", UNetResNet50)
+register_model("unet_resnet101", UNetResNet101)
 
 __all__ = [
     "NORMS",
@@ -56,6 +78,17 @@ __all__ = [
     "ViTB16",
     "ViTL16",
     "resize_position_embedding",
+    "DeepLabV3Plus",
+    "DeepLabV3PlusMobileNetV2",
+    "DeepLabV3PlusResNet",
+    "DeepLabV3PlusResNet50",
+    "DeepLabV3PlusResNet101",
+    "UNet",
+    "BackboneUNet",
+    "UNetMobileNetV2",
+    "UNetResNet",
+    "UNetResNet50",
+    "UNetResNet101",
     "ModelReport",
     "count_params",
     "model_report",

@@ -82,9 +82,21 @@ def stride_schedule(
     return tuple(schedule)
 
 
-def select_features(features: dict[int, jnp.ndarray]) -> dict[int, jnp.ndarray]:
-    """The maps at the strides of `FEATURE_STRIDES`, from maps keyed by nominal stride."""
-    return {stride: features[stride] for stride in FEATURE_STRIDES}
+def select_features(
+    features: dict[int, jnp.ndarray], strides: Sequence[int] = FEATURE_STRIDES
+) -> dict[int, jnp.ndarray]:
+    """The maps at `strides` (`FEATURE_STRIDES` by default), from maps keyed by nominal stride.
+
+    A backbone whose `feature_strides` field sets `strides` offers stride 2 too, for decoders
+    such as U-Net's that return to full resolution.
+    """
+    missing = [stride for stride in strides if stride not in features]
+    if missing:
+        raise ValueError(
+            f"model.feature_strides={tuple(strides)!r} is not allowed; "
+            f"available: {', '.join(map(str, sorted(features)))}"
+        )
+    return {stride: features[stride] for stride in strides}
 
 
 class ConvNormAct(nn.Module):

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fedjax_cv.models.layers import (
+    FEATURE_STRIDES,
     ConvNormAct,
     InvertedResidual,
     make_divisible,
@@ -36,8 +37,11 @@ class MobileNetV2(nn.Module):
     `stages` lists (expansion, channels, repeats, first stride) per stage, the paper's table by
     default. `return_features=True` returns {4, 8, 16, 32: map} (keys are nominal strides; the
     last map at each stride, stride 32 being the map the classifier pools) instead of logits, and
-    creates no classifier parameters. `output_stride` 16 or 8 replaces the last strides by
-    dilation, so the deeper maps keep that resolution.
+    creates no classifier parameters; `feature_strides` chooses the keys, 2 (the first block's
+    output) included. `output_stride` 16 or 8 replaces the last strides by dilation, so the
+    deeper maps keep that resolution. `head_conv=False` leaves out the 1x1 conv to 1280 channels
+    (no parameters): stride 32 is then the last inverted-residual block's output, the feature
+    DeepLabV3+ uses.
     """
 
     num_classes: int
@@ -47,6 +51,8 @@ class MobileNetV2(nn.Module):
     dropout_rate: float = 0.2
     output_stride: int = 32
     return_features: bool = False
+    feature_strides: tuple[int, ...] = FEATURE_STRIDES
+    head_conv: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray | dict[int, jnp.ndarray]:
@@ -82,13 +88,17 @@ class MobileNetV2(nn.Module):
                 name=f"block{index}",
             )(x, train=train)
             features[layer.level] = x
-        # The paper keeps 1280 head channels for multipliers below 1: they are cheap at 7x7.
-        x = ConvNormAct(
-            make_divisible(1280 * max(1.0, width)), norm=self.norm, activation=nn.relu6, name="head"
-        )(x, train=train)
-        features[32] = x
+        if self.head_conv:
+            # The paper keeps 1280 head channels for multipliers below 1: they are cheap at 7x7.
+            x = ConvNormAct(
+                make_divisible(1280 * max(1.0, width)),
+                norm=self.norm,
+                activation=nn.relu6,
+                name="head",
+            )(x, train=train)
+            features[32] = x
         if self.return_features:
-            return select_features(features)
+            return select_features(features, self.feature_strides)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return nn.Dense(self.num_classes, name="classifier")(x)

@@ -13,7 +13,12 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fedjax_cv.models.layers import ConvNormAct, select_features, stride_schedule
+from fedjax_cv.models.layers import (
+    FEATURE_STRIDES,
+    ConvNormAct,
+    select_features,
+    stride_schedule,
+)
 from fedjax_cv.models.norm import check_norm
 
 # Zero-initialised last norm of each residual branch: every block starts as the identity, which
@@ -92,8 +97,9 @@ class ResNet(nn.Module):
     """ResNet classifier, or backbone with `return_features=True`.
 
     `return_features=True` returns the outputs of the four stages as {4, 8, 16, 32: map} (keys
-    are nominal strides) and creates no classifier parameters; `output_stride` 16 or 8 replaces
-    the strides of the last stages by dilation, so their maps keep that resolution.
+    are nominal strides) and creates no classifier parameters; `feature_strides` chooses the
+    keys, 2 (the stem conv's output, before max-pooling) included. `output_stride` 16 or 8
+    replaces the strides of the last stages by dilation, so their maps keep that resolution.
     """
 
     num_classes: int
@@ -103,6 +109,7 @@ class ResNet(nn.Module):
     norm: str = "group"
     output_stride: int = 32
     return_features: bool = False
+    feature_strides: tuple[int, ...] = FEATURE_STRIDES
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray | dict[int, jnp.ndarray]:
@@ -120,8 +127,8 @@ class ResNet(nn.Module):
         schedule = iter(stride_schedule(strides, self.output_stride, input_stride=4))
 
         x = ConvNormAct(self.width, 7, strides=2, norm=self.norm, name="stem")(x, train=train)
+        features = {2: x}
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        features = {}
         for stage, size in enumerate(self.stage_sizes):
             for i in range(size):
                 layer = next(schedule)
@@ -134,7 +141,7 @@ class ResNet(nn.Module):
                 )(x, train=train)
                 features[layer.level] = x
         if self.return_features:
-            return select_features(features)
+            return select_features(features, self.feature_strides)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="classifier")(x)
 
