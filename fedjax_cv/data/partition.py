@@ -616,3 +616,56 @@ def _to_lists(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [_to_lists(v) for v in value]
     return value
+
+
+# --------------------------------------------------------------------------- segmentation labels
+
+# Partitioners that read every class of an example rather than one label per example.
+MULTILABEL_PARTITIONERS = ("lda_multilabel", "fedcv_detection")
+
+
+def mask_labels(label_counts: np.ndarray, name: str, background: int | None = None) -> Labels:
+    """The labels that partitioner `name` takes, from segmentation masks' pixel counts.
+
+    `label_counts` [num_examples, num_classes] holds each mask's pixels of every class, ignore
+    pixels excluded. Multi-label partitioners (`MULTILABEL_PARTITIONERS`) get the classes
+    present in each mask, as FedCV's LDA for segmentation does (He et al. 2021, §6.2); the
+    others get each mask's dominant class, the one with the most pixels (ties: lowest id).
+
+    The `background` class (an id, or None for data without one) counts only in masks that
+    show nothing else: it covers most pixels of nearly every image (about 70% in PASCAL VOC),
+    so as a candidate it would be almost every mask's dominant class and the class present in
+    the most masks, and a label partition would degenerate to a partition of sizes. A mask
+    without any labelled pixel has no class present and the dominant class `num_classes`, a
+    group of its own.
+    """
+    counts = np.asarray(label_counts, np.int64)
+    if counts.ndim != 2 or np.any(counts < 0):
+        raise ValueError(
+            f"label_counts of shape {counts.shape} is not allowed; must be non-negative pixel "
+            "counts [num_examples, num_classes]"
+        )
+    num_classes = counts.shape[1]
+    candidates = counts
+    if background is not None:
+        if not 0 <= background < num_classes:
+            raise ValueError(
+                f"background={background!r} is not a class id; must be in [0, {num_classes - 1}]"
+            )
+        others = np.delete(counts, background, axis=1).sum(axis=1)
+        candidates = counts.copy()
+        candidates[others > 0, background] = 0
+    if name in MULTILABEL_PARTITIONERS:
+        return [np.flatnonzero(row).astype(np.int32) for row in candidates]
+    dominant = np.argmax(candidates, axis=1).astype(np.int32)
+    return np.where(candidates.sum(axis=1) > 0, dominant, num_classes).astype(np.int32)
+
+
+def check_params(name: str, params: Mapping[str, Any]) -> None:
+    """Fails on an unknown partitioner or a bad `alpha` before any data is read for it."""
+    if name not in PARTITIONERS:
+        raise ValueError(
+            f"data.partition.name={name!r} is unknown; known: {', '.join(sorted(PARTITIONERS))}"
+        )
+    if "alpha" in params:
+        _check_alpha(params["alpha"])

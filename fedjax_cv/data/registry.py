@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fedjax_cv.data import partition as partition_lib
 from fedjax_cv.data import shapes, sources
 from fedjax_cv.data.federated import FederatedDataset
 from fedjax_cv.data.partition import PARTITIONERS, make_partition
@@ -20,6 +21,11 @@ def partition_params(partition_config) -> dict:
 
     Every config carries `alpha`; partitioners without that parameter simply ignore it.
     """
+    if partition_config.name not in PARTITIONERS:
+        raise ValueError(
+            f"data.partition.name={partition_config.name!r} is unknown; known: "
+            f"{', '.join(sorted(PARTITIONERS))}"
+        )
     accepted = inspect.signature(PARTITIONERS[partition_config.name]).parameters
     return {k: v for k, v in partition_config.items() if k != "name" and k in accepted}
 
@@ -134,10 +140,165 @@ def detection_dataset(data_config, seed: int) -> FederatedDataset:
     )
 
 
+# --------------------------------------------------------------------------- segmentation
+
+
+def _checked_partition_params(data_config) -> dict:
+    """`partition_params`, with the name and alpha checked before any data is read or made."""
+    params = partition_params(data_config.partition)
+    partition_lib.check_params(data_config.partition.name, params)
+    return params
+
+
+def _mask_clients(
+    data_config, label_counts: np.ndarray, seed: int, params: dict, background: int | None
+) -> tuple[np.ndarray, ...]:
+    """The train split's clients, by the masks' dominant class or classes present
+    (`partition.mask_labels`, which also says how `background` counts)."""
+    name = data_config.partition.name
+    labels = partition_lib.mask_labels(label_counts, name, background=background)
+    return tuple(make_partition(name, labels, data_config.num_clients, seed, **params))
+
+
+def shapes_segmentation_dataset(data_config, seed: int) -> FederatedDataset:
+    """The embedded `shapes` data as masks: class 0 is the background, class c + 1 the shape c
+    of `data.num_classes` shapes, up to `data.max_shapes` (default 3) shapes an image.
+
+    As in `shapes_dataset`, the train split is partitioned before it is painted in each
+    client's style, and the test split mixes all styles. A mask does not depend on the style
+    (styles only colour pixels), so the masks rendered once in a single style decide the
+    partition, and the images are rendered again in their clients' styles.
+    """
+    num_shapes = data_config.num_classes
+    max_shapes = data_config.get("max_shapes", 3)
+    if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
+        raise ValueError(
+            f"data.max_shapes={max_shapes!r} is not allowed; must be a positive integer"
+        )
+    params = _checked_partition_params(data_config)
+    rng = np.random.default_rng([seed, 0x5E6A5C])
+    num_train = data_config.num_train_examples
+    labels = rng.integers(0, num_shapes, num_train + data_config.num_test_examples)
+    test_styles = rng.integers(0, data_config.num_clients, len(labels) - num_train)
+    # Train and test in one render: one random stream, so no test image repeats the geometry
+    # of a train image (render seeds its stream by the number of images).
+    render = dict(
+        seed=seed, image_size=data_config.image_size, num_classes=num_shapes, max_shapes=max_shapes
+    )
+    plain = shapes.render(labels, np.zeros(len(labels), np.int64), **render)
+    num_classes = num_shapes + 1
+    train_counts = mask_label_counts(plain.masks[:num_train], num_classes)
+    clients = _mask_clients(data_config, train_counts, seed, params, background=0)
+    styles = np.zeros(len(labels), np.int64)
+    for k, members in enumerate(clients):
+        styles[members] = k
+    styles[num_train:] = test_styles
+    styled = shapes.render(labels, styles, **render)
+    return FederatedDataset(
+        name=data_config.name,
+        train={"image": styled.images[:num_train], "mask": styled.masks[:num_train]},
+        test={"image": styled.images[num_train:], "mask": styled.masks[num_train:]},
+        clients=clients,
+        num_classes=num_classes,
+        class_names=("background",) + shapes.SHAPE_NAMES[:num_shapes],
+        label_key="mask",
+        task="segmentation",
+        label_counts=train_counts,
+    )
+
+
+def mask_label_counts(masks: np.ndarray, num_classes: int) -> np.ndarray:
+    """int64 [N, num_classes]: pixels of each class in each of masks [N, H, W], ignore
+    pixels (any value >= num_classes) excluded."""
+    masks = np.asarray(masks).reshape(len(masks), -1).astype(np.int64)
+    offsets = np.arange(len(masks))[:, None] * (num_classes + 1)
+    ids = np.minimum(masks, num_classes) + offsets  # values >= num_classes: one spare bin
+    counts = np.bincount(ids.ravel(), minlength=len(masks) * (num_classes + 1))
+    return counts.reshape(len(masks), num_classes + 1)[:, :num_classes]
+
+
+def _source_dataset(
+    data_config,
+    seed: int,
+    train: sources.SegmentationSource,
+    test: sources.SegmentationSource,
+    params: dict,
+    background: int | None,
+) -> FederatedDataset:
+    """A dataset of two mask sources of mixed image sizes, kept as random-access stores."""
+    return FederatedDataset(
+        name=data_config.name,
+        train={"image": sources.RGBImages(train.images), "mask": train.masks},
+        test={"image": sources.RGBImages(test.images), "mask": test.masks},
+        clients=_mask_clients(data_config, train.label_counts, seed, params, background),
+        num_classes=train.num_classes,
+        class_names=train.class_names,
+        label_key="mask",
+        task="segmentation",
+        label_counts=train.label_counts,
+    )
+
+
+def coco128_segmentation_dataset(data_config, seed: int) -> FederatedDataset:
+    """coco128's panoptic masks (`sources.mask_segmentation`): sparse COCO ids made
+    contiguous; the unlabeled value 0 becomes the ignore label, or class 0 "background" with
+    `data.unlabeled="background"`. train2017 is partitioned, val2017 is the test split."""
+    unlabeled = data_config.get("unlabeled", "ignore")
+    if unlabeled not in ("ignore", "background"):
+        raise ValueError(
+            f"data.unlabeled={unlabeled!r} is not allowed; must be 'ignore' or 'background'"
+        )
+    params = _checked_partition_params(data_config)
+    path = locate(data_config.root, "coco128")
+    cache_dir = data_config.get("cache_dir") or None
+    names = sources.read_yaml_class_names(path / "semantic_segmentation" / "config.yaml", "classes")
+    load = dict(unlabeled=unlabeled, class_names=names, cache_dir=cache_dir)
+    train = sources.mask_segmentation(path, "train2017", **load)
+    test = sources.mask_segmentation(path, "val2017", **load)
+    background = 0 if unlabeled == "background" else None
+    return _source_dataset(data_config, seed, train, test, params, background)
+
+
+VOC_TRAIN_SPLITS = ("train", "trainaug")
+
+
+def locate_voc(root: str) -> pathlib.Path:
+    """The VOC2012 folder: `root` itself, or `root/VOCdevkit/VOC2012`."""
+    path = pathlib.Path(root)
+    for candidate in (path, path / "VOCdevkit" / "VOC2012"):
+        if (candidate / "ImageSets" / "Segmentation").is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"data.root={root!r} holds no PASCAL VOC 2012 segmentation data; must be the VOC2012 "
+        "folder (with ImageSets/Segmentation) or a folder holding VOCdevkit/VOC2012"
+    )
+
+
+def voc_segmentation_dataset(data_config, seed: int) -> FederatedDataset:
+    """PASCAL VOC 2012 segmentation (`sources.voc_segmentation`), 21 classes with background
+    0: `data.train_split` ("train", 1,464 images, or "trainaug", the 10,582 of VOC + SBD that
+    FedCV trains on) is partitioned, "val" is the test split."""
+    train_split = data_config.get("train_split", "train")
+    if train_split not in VOC_TRAIN_SPLITS:
+        raise ValueError(
+            f"data.train_split={train_split!r} is not allowed; must be one of "
+            f"{', '.join(VOC_TRAIN_SPLITS)}"
+        )
+    params = _checked_partition_params(data_config)
+    path = locate_voc(data_config.root)
+    cache_dir = data_config.get("cache_dir") or None
+    train = sources.voc_segmentation(path, train_split, cache_dir=cache_dir)
+    test = sources.voc_segmentation(path, "val", cache_dir=cache_dir)
+    return _source_dataset(data_config, seed, train, test, params, background=0)
+
+
 DATASETS: dict[str, DatasetBuilder] = {
     "coco128": detection_dataset,
     "bccd": detection_dataset,
     "shapes": shapes_dataset,
+    "shapes_segmentation": shapes_segmentation_dataset,
+    "coco128_segmentation": coco128_segmentation_dataset,
+    "voc_segmentation": voc_segmentation_dataset,
     "cifar10": image_folder_dataset,
     "mnist": image_folder_dataset,
     "image_folder": image_folder_dataset,

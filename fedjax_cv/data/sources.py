@@ -22,11 +22,12 @@ import os
 import re
 import tarfile
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from fedjax_cv.data import cache as cache_lib
 from fedjax_cv.data.partition import natural
@@ -103,6 +104,8 @@ class SegmentationSource:
     class_names: tuple[str, ...]
     image_ids: tuple[str, ...]
     classes_present: tuple[np.ndarray, ...]  # contiguous ids in each mask, ignore excluded
+    # int64 [N, num_classes]: pixels of each class in each mask, ignore excluded
+    label_counts: np.ndarray
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -114,8 +117,46 @@ class SegmentationSource:
         return self.lookup[self.raw_masks[index][..., 0]]
 
     @property
+    def masks(self) -> Masks:
+        """The masks as a random-access sequence, for a dataset's `mask` key."""
+        return Masks(self.raw_masks, self.lookup)
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Masks:
+    """Random access to uint8 [H, W] masks of contiguous ids: file values through `lookup`.
+
+    Pickles as its two fields, so a store travels by location (see `ImageStore`).
+    """
+
+    raw_masks: cache_lib.ImageStore  # [H, W, 1] file values
+    lookup: np.ndarray  # uint8 [256]
+
+    def __len__(self) -> int:
+        return len(self.raw_masks)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.lookup[self.raw_masks[index][..., 0]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RGBImages:
+    """Random access to uint8 [H, W, 3] images: grayscale files (decoded [H, W, 1]) are
+    repeated over three channels, so photo datasets with a few grayscale files (coco128 has
+    two) give one channel count."""
+
+    images: cache_lib.ImageStore
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        image = self.images[index]
+        return image if image.shape[-1] == 3 else np.repeat(image, 3, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -515,7 +556,7 @@ def mask_segmentation(
     masks = _decoded_store(
         mask_dir, mask_files, cache_lib.DecodeSpec("mask"), cache_dir, num_workers
     )
-    present = []
+    value_counts = []
     for index, mask_file in enumerate(mask_files):
         raw = masks[index]
         if raw.shape[:2] != tuple(int(v) for v in images.shapes[index][:2]):
@@ -523,22 +564,41 @@ def mask_segmentation(
                 f"{mask_dir / mask_file}: mask is {raw.shape[1]}x{raw.shape[0]} but its image is "
                 f"{images.shapes[index][1]}x{images.shapes[index][0]}; must match"
             )
-        values = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
+        value_counts.append(np.bincount(raw.ravel(), minlength=256))
+        values = np.flatnonzero(value_counts[-1])
         unmapped = values[lookup[values] < 0]
         if len(unmapped):
             raise ValueError(
                 f"{mask_dir / mask_file}: pixel value {int(unmapped[0])} has no class mapping; "
                 f"allowed values: {sorted(sparse_names)}"
             )
-        mapped = np.unique(lookup[values])
-        present.append(mapped[mapped != IGNORE_LABEL].astype(np.int32))
+    return _segmentation_source(
+        images, masks, lookup, names, [Path(f).stem for f in mask_files], value_counts
+    )
+
+
+def _segmentation_source(
+    images: cache_lib.ImageStore,
+    raw_masks: cache_lib.ImageStore,
+    lookup: np.ndarray,
+    class_names: Sequence[str],
+    image_ids: Sequence[str],
+    value_counts: Sequence[np.ndarray],
+) -> SegmentationSource:
+    """The source of validated masks, with per-class pixel counts from each mask's counts of
+    file values ([256] each) and `lookup` (file value -> class id, IGNORE_LABEL or -1)."""
+    num_classes = len(class_names)
+    # [256, num_classes] one-hot of each file value's class: ignore and unmapped rows are 0.
+    to_class = (lookup[:, None] == np.arange(num_classes)[None]).astype(np.int64)
+    label_counts = np.asarray(value_counts, np.int64).reshape(-1, 256) @ to_class
     return SegmentationSource(
         images=images,
-        raw_masks=masks,
+        raw_masks=raw_masks,
         lookup=np.where(lookup < 0, IGNORE_LABEL, lookup).astype(np.uint8),
-        class_names=tuple(names),
-        image_ids=tuple(Path(f).stem for f in mask_files),
-        classes_present=tuple(present),
+        class_names=tuple(class_names),
+        image_ids=tuple(image_ids),
+        classes_present=tuple(np.flatnonzero(row).astype(np.int32) for row in label_counts),
+        label_counts=label_counts,
     )
 
 
@@ -561,6 +621,147 @@ def _mask_lookup(sparse_names: Mapping[int, str], unlabeled: str) -> tuple[np.nd
             f"at most {IGNORE_LABEL}"
         )
     return lookup, names
+
+
+# --------------------------------------------------------------------------- PASCAL VOC masks
+
+VOC_SEGMENTATION_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+# split -> folder of its masks. trainaug: VOC 2012 train plus the SBD annotations of
+# Hariharan et al. (2011), 10,582 images, the training set of DeepLab and FedCV.
+VOC_SEGMENTATION_SPLITS = {
+    "train": "SegmentationClass",
+    "val": "SegmentationClass",
+    "trainval": "SegmentationClass",
+    "trainaug": "SegmentationClassAug",
+}
+
+
+def voc_segmentation(
+    root: PathLike,
+    split: str,
+    *,
+    class_names: Sequence[str] = VOC_SEGMENTATION_CLASSES,
+    cache_dir: PathLike | None = None,
+    num_workers: int | None = None,
+) -> SegmentationSource:
+    """PASCAL VOC 2012 segmentation: `<root>/ImageSets/Segmentation/<split>.txt` lists image
+    ids (a line may also be a path, as in DeepLab's list files: its file stem is the id),
+    `<root>/JPEGImages/<id>.jpg` the images, and the masks are `SegmentationClass/<id>.png`
+    (palette PNGs whose indices are class ids) or, for `trainaug`, `SegmentationClassAug/<id>.png`
+    (single-channel class ids).
+
+    Mask values are class ids 0..len(class_names) - 1, or 255 for object borders and
+    difficult regions, which stays IGNORE_LABEL. Every file is checked before anything is
+    written to the cache: a missing image or mask, a mask of another size than its image, or
+    a value that is neither a class id nor 255 fails with one line naming the file.
+    """
+    root = _existing(root, "data.root", "a PASCAL VOC 2012 folder")
+    allowed = ", ".join(VOC_SEGMENTATION_SPLITS)
+    if split not in VOC_SEGMENTATION_SPLITS:
+        raise ValueError(f"split={split!r} is not a VOC segmentation split; allowed: {allowed}")
+    if not 0 < len(class_names) < IGNORE_LABEL:
+        raise ValueError(
+            f"{len(class_names)} class names are not allowed; must be 1 to {IGNORE_LABEL - 1}, "
+            f"below the ignore label {IGNORE_LABEL}"
+        )
+    split_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not split_file.is_file():
+        raise FileNotFoundError(
+            f"{split_file}: the id list of split {split!r} is missing; allowed splits: {allowed}, "
+            "each listed in ImageSets/Segmentation/<split>.txt"
+        )
+    ids = [
+        PurePosixPath(line.split()[0]).stem
+        for line in split_file.read_text().splitlines()
+        if line.strip()
+    ]
+    if not ids:
+        raise ValueError(f"{split_file} lists no images; must list one image id a line")
+    mask_dir = root / VOC_SEGMENTATION_SPLITS[split]
+    mask_files = [f"{image_id}.png" for image_id in ids]
+    for image_id, mask_file in zip(ids, mask_files, strict=True):
+        if not (mask_dir / mask_file).is_file():
+            raise FileNotFoundError(
+                f"{mask_dir / mask_file}: mask of image {image_id!r} listed in {split_file} is "
+                "missing"
+            )
+    image_dir = root / "JPEGImages"
+    image_files = [_voc_image_file(image_dir, image_id) for image_id in ids]
+    num_classes = len(class_names)
+    lookup = np.full(256, -1, np.int64)
+    lookup[:num_classes] = np.arange(num_classes)
+    lookup[IGNORE_LABEL] = IGNORE_LABEL
+
+    def check(path: Path, value_counts: np.ndarray, mask_hw, image_path: Path, image_hw) -> None:
+        if tuple(mask_hw) != tuple(image_hw):
+            raise ValueError(
+                f"{path}: mask is {mask_hw[1]}x{mask_hw[0]} but its image {image_path} is "
+                f"{image_hw[1]}x{image_hw[0]}; must be the same size"
+            )
+        values = np.flatnonzero(value_counts)
+        bad = values[lookup[values] < 0]
+        if len(bad):
+            raise ValueError(
+                f"{path}: pixel value {int(bad[0])} is not a class id; allowed: "
+                f"0..{num_classes - 1} ({num_classes} classes) or {IGNORE_LABEL} (ignore)"
+            )
+
+    def check_decoded(index: int, raw: np.ndarray) -> None:
+        # While the masks are decoded, before the cache entry exists: image sizes from the
+        # file headers, which PIL reads without decoding the pixels.
+        with Image.open(image_dir / image_files[index]) as image:
+            width, height = image.size
+        check(
+            mask_dir / mask_files[index],
+            np.bincount(raw.ravel(), minlength=256),
+            raw.shape[:2],
+            image_dir / image_files[index],
+            (height, width),
+        )
+
+    masks = _decoded_store(
+        mask_dir,
+        mask_files,
+        cache_lib.DecodeSpec("mask"),
+        cache_dir,
+        num_workers,
+        check=check_decoded,
+    )
+    images = _decoded_store(image_dir, image_files, cache_lib.DecodeSpec(), cache_dir, num_workers)
+    # Checked again from the cache: an entry built earlier may meet other images or classes.
+    value_counts = []
+    for index in range(len(ids)):
+        value_counts.append(np.bincount(masks[index].ravel(), minlength=256))
+        check(
+            mask_dir / mask_files[index],
+            value_counts[-1],
+            masks.shapes[index][:2],
+            image_dir / image_files[index],
+            images.shapes[index][:2],
+        )
+    return _segmentation_source(images, masks, lookup, class_names, ids, value_counts)
 
 
 # --------------------------------------------------------------------------- natural clients
@@ -836,17 +1037,29 @@ def _decoded_store(
     spec: cache_lib.DecodeSpec,
     cache_dir: PathLike | None,
     num_workers: int | None,
+    check: Callable[[int, np.ndarray], None] | None = None,
 ) -> cache_lib.ImageStore:
-    """Pixels of `folder/<file>` for each file, decoded once into the cache."""
+    """Pixels of `folder/<file>` for each file, decoded once into the cache.
+
+    `check(index, array)`, when given, sees every array as it is decoded and may raise: the
+    half-built entry is then discarded, so bad input leaves nothing in the cache. A cache hit
+    decodes nothing and checks nothing.
+    """
     key = {
         "folder": str(folder.resolve()),
         "files": cache_lib.files_digest(folder, files),
         "decode": spec.as_key(),
     }
 
+    def checked(arrays: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        for index, array in enumerate(arrays):
+            check(index, array)
+            yield array
+
     def build(out: Path) -> None:
         items = ((str(folder / f), None) for f in files)
-        cache_lib.write_store(out, cache_lib.decode_many(items, spec, len(files), num_workers))
+        arrays = cache_lib.decode_many(items, spec, len(files), num_workers)
+        cache_lib.write_store(out, arrays if check is None else checked(arrays))
 
     return cache_lib.ImageStore.open(cache_lib.get_or_build(cache_dir, "images", key, build))
 
