@@ -105,10 +105,13 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     batch, _ = next(test_batches({"image": dataset.train["image"]}, 1, eval_transform))
     sample = jnp.asarray(batch["image"])
     init_key = jax.random.fold_in(root_key, _INIT_STREAM)
-    try:
+    try:  # the model's own checks of its fields (output_stride, ...) run at trace time
         output = jax.eval_shape(
             lambda x: model.init_with_output(init_key, x, train=False)[0], sample
         )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    try:
         task.check_output(output.shape, sample.shape, f"model.name={config.model.name!r}")
     except ValueError as error:
         raise ConfigError(f"{error} (data.name={config.data.name!r} is {task.name} data)") from None

@@ -1,0 +1,64 @@
+"""FedAvg U-Net segmentation on the embedded `shapes` masks: the segmentation main job.
+
+    python launch/train.py --config=configs/shapes_segmentation.py --workdir=/tmp/shapes_seg
+
+Variants: `:runlocal` (a few rounds, for a smoke test), `:alpha=<float>` (Dirichlet alpha over
+each image's dominant class), `:model=<name>` (any segmentation model, e.g.
+`deeplabv3plus_mobilenet_v2`; `width=<float>` sets its width multiplier).
+
+40 clients hold 2,000 32x32 images with up to 3 shapes of 4 classes on a background (5 mask
+classes), split by Dirichlet(alpha = 1) over each image's dominant shape, each client in its own
+style; 8 clients a round train a small U-Net (base width 16, GroupNorm) for one local epoch of
+momentum SGD. A few minutes on a 2-core CPU; mIoU above 0.75 on the test split.
+"""
+
+from fedjax_cv.config_base import base_config, parse_arg
+
+
+def get_config(arg=None):
+    args = parse_arg(arg)
+    unknown = set(args) - {"runlocal", "alpha", "model", "width"}
+    if unknown:
+        raise ValueError(
+            f"config argument {sorted(unknown)[0]!r} is unknown; known: runlocal, alpha, model, "
+            "width"
+        )
+    config = base_config()
+    config.seed = 0
+    config.num_rounds = 30
+    config.eval_every_rounds = 5
+    config.checkpoint.every_rounds = 10
+
+    config.model.name = args.get("model", "unet")
+    if config.model.name == "unet":
+        config.model.kwargs.base_width = 16
+    elif "width" in args:
+        config.model.kwargs.width_multiplier = float(args["width"])
+
+    config.algorithm.name = "fedavg"
+    config.algorithm.clients_per_round = 8
+    config.algorithm.batch_size = 10
+    config.algorithm.local_epochs = 1
+    config.algorithm.client.learning_rate = 0.05
+    config.algorithm.client.momentum = 0.9
+
+    config.data.name = "shapes_segmentation"
+    config.data.num_clients = 40
+    config.data.num_classes = 4
+    config.data.max_shapes = 3
+    config.data.image_size = 32
+    config.data.num_train_examples = 2_000
+    config.data.num_test_examples = 400
+    config.data.partition.name = "dirichlet"
+    config.data.partition.alpha = float(args.get("alpha", 1.0))
+    config.eval.batch_size = 100
+
+    if "runlocal" in args:
+        config.num_rounds = 3
+        config.eval_every_rounds = 3
+        config.checkpoint.every_rounds = 3
+        config.data.num_clients = 10
+        config.data.num_train_examples = 200
+        config.data.num_test_examples = 40
+        config.algorithm.clients_per_round = 3
+    return config
