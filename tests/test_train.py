@@ -8,10 +8,12 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from fedjax_cv.config_base import base_config
-from fedjax_cv.train import train_and_evaluate
+from fedjax_cv.train import build_experiment, evaluate, train_and_evaluate
 from fedjax_cv.validation import ConfigError
 from tests.configs_loader import override, shrink
 
@@ -182,3 +184,27 @@ def test_launcher_runs_the_main_job_config_runlocal_to_a_level(tmp_path):
     assert records[-1]["round"] == 12 and "params_sha256" in records[-1]
     assert records[-1]["eval/accuracy"] >= 0.45, records[-1]
     assert records[-1]["train/loss"] < 0.9 * records[0]["train/loss"]
+
+
+def test_evaluate_equals_numpy_with_a_padded_last_batch():
+    # 40 test examples in batches of 16: the last batch holds 8 real examples and 8 repeats.
+    config = tiny_config(**{"eval.batch_size": 16})
+    experiment = build_experiment(config)
+    state = experiment.initial_state
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda x: rng.normal(size=x.shape).astype(np.float32) * 0.05, state.params
+    )
+    metrics = evaluate(experiment, state.replace(params=params))
+    test = experiment.dataset.test
+    images = (test["image"].astype(np.float64) / 255.0 - 0.5) / 0.5
+    logits = images.reshape(len(images), -1) @ params["Dense_0"]["kernel"].astype(np.float64)
+    logits += params["Dense_0"]["bias"]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    losses = -log_probs[np.arange(len(images)), test["label"]]
+    assert len(images) == 40
+    assert metrics["eval/loss"] == pytest.approx(losses.mean(), rel=1e-5)
+    assert metrics["eval/accuracy"] == pytest.approx(
+        np.mean(logits.argmax(axis=1) == test["label"]), abs=1e-12
+    )
