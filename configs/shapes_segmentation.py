@@ -9,7 +9,9 @@ each image's dominant class), `:model=<name>` (any segmentation model, e.g.
 40 clients hold 2,000 32x32 images with up to 3 shapes of 4 classes on a background (5 mask
 classes), split by Dirichlet(alpha = 1) over each image's dominant shape, each client in its own
 style; 8 clients a round train a small U-Net (base width 16, GroupNorm) for one local epoch of
-momentum SGD. A few minutes on a 2-core CPU; mIoU above 0.75 on the test split.
+momentum SGD. About 2.5 minutes on a 2-core CPU. Measured 2026-11-30: eval pixel accuracy
+0.88 and mIoU 0.29 after 30 rounds (background IoU 0.97; the shapes' classes are still mixed
+up inside each shape), short of the 0.75 the project aims this job at.
 """
 
 from fedjax_cv.config_base import base_config, parse_arg
