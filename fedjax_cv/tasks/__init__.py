@@ -64,6 +64,17 @@ def merge_stats(total: dict | None, stats: dict) -> dict:
     return jax.tree.map(np.add, total, stats)
 
 
+def argmax_predictions(model):
+    """`(params, model_state, images) -> argmax of the logits` (classes, or per-pixel classes)."""
+
+    @jax.jit
+    def predict(params, model_state, images):
+        logits = model.apply({"params": params, **model_state}, images, train=False)
+        return jnp.argmax(logits, -1)
+
+    return predict
+
+
 def make_centralized_step(task: Task, model, optimizer: optax.GradientTransformation):
     """A jit-compiled centralized SGD step `(params, opt_state, batch, rng) -> (params,
     opt_state)` on the mean loss: the baseline federated throughput is measured against."""
@@ -96,4 +107,12 @@ def get_task(name: str) -> Task:
     return tasks[name]
 
 
-__all__ = ["EvalFn", "Task", "get_task", "make_centralized_step", "merge_stats", "task_names"]
+__all__ = [
+    "argmax_predictions",
+    "EvalFn",
+    "Task",
+    "get_task",
+    "make_centralized_step",
+    "merge_stats",
+    "task_names",
+]

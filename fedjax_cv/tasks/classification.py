@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from fedjax_cv.algorithms.base import LossOutput
-from fedjax_cv.tasks import Task, pictures
+from fedjax_cv.tasks import Task, argmax_predictions, pictures
 
 METRIC_NAMES = ("accuracy",)
 
@@ -71,15 +71,6 @@ def details(stats: dict, class_names: Sequence[str]) -> dict:
     return {"num_examples": int(stats["count"])}
 
 
-def predict(model: nn.Module):
-    @jax.jit
-    def fn(params, model_state, images):
-        logits = model.apply({"params": params, **model_state}, images, train=False)
-        return jnp.argmax(logits, -1)
-
-    return fn
-
-
 def plot_predictions(images, truth, predicted, class_names, title=""):
     """A grid of test images titled 'predicted / true', red where they differ."""
     names = lambda ids: [class_names[i] if i < len(class_names) else str(i) for i in ids]
@@ -100,6 +91,6 @@ TASK = Task(
     headline="accuracy",
     check_output=check_output,
     details=details,
-    predict=predict,
+    predict=argmax_predictions,
     plot_predictions=plot_predictions,
 )

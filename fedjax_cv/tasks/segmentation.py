@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from fedjax_cv.algorithms.base import LossOutput
-from fedjax_cv.tasks import Task, pictures
+from fedjax_cv.tasks import Task, argmax_predictions, pictures
 
 IGNORE_INDEX = 255
 METRIC_NAMES = ("pixel_accuracy",)
@@ -180,15 +180,6 @@ def check_output(output_shape: Sequence[int], input_shape: Sequence[int], field:
         )
 
 
-def predict(model: nn.Module):
-    @jax.jit
-    def fn(params, model_state, images):
-        logits = model.apply({"params": params, **model_state}, images, train=False)
-        return jnp.argmax(logits, -1)
-
-    return fn
-
-
 def plot_predictions(images, truth, predicted, class_names, title=""):
     """One row an image: the image, the true mask, the predicted mask (its pixel accuracy)."""
     num_classes = max(len(class_names), int(np.max(predicted)) + 1)
@@ -216,6 +207,6 @@ TASK = Task(
     headline="miou",
     check_output=check_output,
     details=details,
-    predict=predict,
+    predict=argmax_predictions,
     plot_predictions=plot_predictions,
 )
