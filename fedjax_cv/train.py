@@ -37,7 +37,7 @@ from fedjax_cv.data.registry import build_dataset, partition_params
 from fedjax_cv.engine.strategies import client_mesh
 from fedjax_cv.models import get_model
 from fedjax_cv.models.weights import LoadReport, WeightsError, head_modules, load_pretrained
-from fedjax_cv.tasks import Task, get_task, merge_stats, pictures
+from fedjax_cv.tasks import Task, get_task, merge_stats, pictures, task_names
 from fedjax_cv.validation import ConfigError, validate_config
 
 _INIT_STREAM, _TRAIN_STREAM = 0, 1
@@ -90,8 +90,11 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     dataset = build_dataset(config.data, config.seed)
     try:
         task = get_task(dataset.task)
-    except ValueError as error:
-        raise ConfigError(f"data.name={config.data.name!r}: {error}") from None
+    except ValueError:
+        raise ConfigError(
+            f"data.name={config.data.name!r} is {dataset.task} data; training is implemented for "
+            f"{', '.join(task_names())} so far (inspect it with python -m fedjax_cv.data.inspect)"
+        ) from None
     model_kwargs = dict(config.model.kwargs.to_dict())
     if config.model.norm != "auto":
         model_kwargs["norm"] = config.model.norm
