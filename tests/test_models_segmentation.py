@@ -221,10 +221,12 @@ def test_training_step_updates_batch_stats_and_gradients_reach_both_ends(name):
     assert np.any(grads["classifier"]["kernel"] != 0)
 
 
+@pytest.mark.parametrize("prefix", ["backbone/", ""])
 @pytest.mark.parametrize("name", ["deeplabv3plus_mobilenet_v2", "unet_resnet50"])
-def test_classification_checkpoint_loads_into_the_backbone(name):
-    """A zoo classifier's weights, renamed under `backbone/`, fill the backbone; the other
-    modules (`head_modules`) keep their initialisation."""
+def test_classification_checkpoint_loads_into_the_backbone(name, prefix):
+    """A zoo classifier's weights, renamed under `backbone/` or as the classifier saved them
+    (FedCV's fine-tuning from classification weights), fill the backbone; the other modules
+    (`head_modules`) keep their initialisation."""
     kwargs = small_kwargs(name)
     model = get_model(name, NUM_CLASSES, **kwargs)
     assert head_modules(model)[-1] == "classifier" and "backbone" not in head_modules(model)
@@ -234,7 +236,7 @@ def test_classification_checkpoint_loads_into_the_backbone(name):
     x = (1, 33, 47, 3)
     zeros = functools.partial(jax.tree.map, lambda leaf: np.zeros(leaf.shape, leaf.dtype))
     checkpoint = {
-        f"params/backbone/{'/'.join(key.key for key in path)}": leaf
+        f"params/{prefix}{'/'.join(key.key for key in path)}": leaf
         for path, leaf in jax.tree_util.tree_flatten_with_path(
             zeros(trace(classifier, x)[1]["params"])
         )[0]

@@ -328,6 +328,21 @@ def _place(array: np.ndarray, like: Any) -> Any:
     return array
 
 
+def into_backbone(weights: Mapping[str, np.ndarray], variables: Any) -> Mapping[str, np.ndarray]:
+    """A classifier's tensors placed under `backbone/` when the model keeps its backbone there
+    (the segmentation models) and the file has no `backbone/` of its own: FedCV's fine-tuning of
+    a segmentation model from classification weights. Other files come back unchanged."""
+    names = {key_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    has_backbone = lambda keys: any(k.split("/")[1:2] == ["backbone"] for k in keys)
+    if not has_backbone(names) or has_backbone(weights):
+        return weights
+    moved = {
+        "/".join([name.split("/")[0], "backbone", *name.split("/")[1:]]): value
+        for name, value in weights.items()
+    }
+    return moved if len(names & set(moved)) > len(names & set(weights)) else weights
+
+
 def load_pretrained(
     variables: Any,
     weights: Mapping[str, np.ndarray] | str | os.PathLike,
@@ -344,6 +359,7 @@ def load_pretrained(
     """
     if isinstance(weights, str | os.PathLike):
         weights = read_weights(weights)
+    weights = into_backbone(weights, variables)
     if head is None:
         head = head_modules(model) if model is not None else ("classifier",)
     head = (head,) if isinstance(head, str) else tuple(head)
