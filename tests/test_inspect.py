@@ -11,14 +11,13 @@ import sys
 import numpy as np
 import pytest
 
-from fedjax_cv.config_base import default_data_root
 from fedjax_cv.data.inspect import inspect_partition
 from fedjax_cv.train import train_and_evaluate
 from tests.configs_loader import load_config
+from tests.real_data import DATA, require
 from tests.test_train import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA = pathlib.Path(default_data_root())
 
 
 def test_inspect_writes_partition_json_and_plots(tmp_path):
@@ -62,10 +61,8 @@ def test_train_writes_the_partition_it_trained_on(tmp_path):
     assert sum(saved["stats"]["client_sizes"]) == 120
 
 
-@pytest.mark.skipif(
-    not (DATA / "cifar10-images.tar.gz").exists(), reason=f"no CIFAR-10 archive under {DATA}"
-)
 def test_cifar10_dirichlet_config_trains_on_real_images(tmp_path):
+    require("cifar10-images.tar.gz")
     env = dict(os.environ, FEDJAX_CV_CACHE=str(pathlib.Path.home() / ".cache" / "fedjax_cv"))
     result = subprocess.run(
         [
@@ -90,8 +87,8 @@ def test_cifar10_dirichlet_config_trains_on_real_images(tmp_path):
     assert np.all(np.asarray(saved["stats"]["client_sizes"]) == 500)
 
 
-@pytest.mark.skipif(not (DATA / "coco128").is_dir(), reason=f"no coco128 folder under {DATA}")
 def test_coco128_detection_partition_covers_every_image_and_counts_boxes(tmp_path):
+    require("coco128")
     partition = inspect_partition(load_config("configs/coco128_detection.py"), tmp_path)
     every = sorted(int(i) for client in partition.clients for i in client)
     assert every == list(range(128))

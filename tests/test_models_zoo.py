@@ -12,6 +12,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 
@@ -129,6 +130,28 @@ def test_parameter_count_matches_reference(name):
     )
     reference = REFERENCE_PARAMS[name]
     assert abs(count_params(shapes) - reference) <= 0.01 * reference
+    assert count_params(shapes) == reference
+
+
+def vit_params(width: int, depth: int, mlp: int, patch: int = 16, image: int = 224) -> int:
+    """ViT's parameter count by hand (Dosovitskiy et al. 2021; timm / torchvision layout)."""
+    tokens = (image // patch) ** 2 + 1  # patches and the class token
+    embedding = patch * patch * 3 * width + width + width + tokens * width  # conv, cls, pos
+    block = (
+        2 * 2 * width  # two LayerNorms: scale and bias
+        + (width * 3 * width + 3 * width)  # qkv
+        + (width * width + width)  # attention output
+        + (width * mlp + mlp + mlp * width + width)  # MLP
+    )
+    return embedding + depth * block + 2 * width + width * 1000 + 1000  # final norm, head
+
+
+def test_vit_reference_counts_follow_from_the_architecture():
+    """The ViT rows of REFERENCE_PARAMS, derived by hand: the table is not copied from the code."""
+    assert vit_params(192, 12, 768) == REFERENCE_PARAMS["vit_ti16"]
+    assert vit_params(384, 12, 1536) == REFERENCE_PARAMS["vit_s16"]
+    assert vit_params(768, 12, 3072) == REFERENCE_PARAMS["vit_b16"]
+    assert vit_params(1024, 24, 4096) == REFERENCE_PARAMS["vit_l16"]
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -212,14 +235,16 @@ def test_features_have_strides_4_to_32_and_output_stride_keeps_resolution(name):
     variables = host_variables(backbone, x)
 
     # Dilation changes no parameter shape: one set of weights serves every output stride.
+    undilated = None
     for output_stride in (32, 16, 8) if name in DILATED else (32,):
-        dilated = backbone.clone(output_stride=output_stride)
-        features = jit(functools.partial(dilated.apply, train=False))(variables, x)
+        features = features_at(backbone, output_stride, variables, x)
         assert sorted(features) == [4, 8, 16, 32]
         for stride, feature in features.items():
             size = 64 // min(stride, output_stride)
             assert feature.shape[:3] == (2, size, size)
             assert np.all(np.isfinite(feature))
+        undilated = undilated or features
+        assert_shallow_features_equal(features, undilated)
 
     # The backbone's parameters are the classifier's without the head: one checkpoint serves both.
     classifier = get_model(name, NUM_CLASSES, **small_kwargs(name))
@@ -227,6 +252,74 @@ def test_features_have_strides_4_to_32_and_output_stride_keeps_resolution(name):
     head = set(classifier_params["params"]) - set(variables["params"])
     assert set(variables["params"]) < set(classifier_params["params"])
     assert all("classifier" in key for key in head)
+
+
+# FAST_COMPILE's older loop emitters reassociate some float sums differently in a program with
+# dilated convs (measured: up to 2.5e-6 of a feature map's largest value at stride 8); at
+# optimisation level 0 alone the maps before the first dilated layer stay bit-identical.
+FEATURE_COMPILE = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+
+
+def features_at(backbone: nn.Module, output_stride: int, variables, x) -> dict:
+    apply = functools.partial(backbone.clone(output_stride=output_stride).apply, train=False)
+    return jax.jit(apply, compiler_options=FEATURE_COMPILE)(variables, x)
+
+
+def assert_shallow_features_equal(features: dict, reference: dict) -> None:
+    """Strides 4 and 8 are computed before any dilated layer, at every output stride: the
+    same maps bit for bit (on CPU; other backends may pick other conv algorithms per program).
+    """
+    for stride in (4, 8):
+        if jax.default_backend() == "cpu":
+            np.testing.assert_array_equal(features[stride], reference[stride], err_msg=str(stride))
+        else:
+            np.testing.assert_allclose(features[stride], reference[stride], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+def test_output_stride_changes_no_feature_at_strides_4_and_8(name):
+    """mobilenet_v2 and resnet50: in the test above."""
+    backbone = get_model(name, NUM_CLASSES, return_features=True, **small_kwargs(name))
+    x = images(32)
+    variables = host_variables(backbone, x)
+    features = {s: features_at(backbone, s, variables, x) for s in (32, 16, 8)}
+    for output_stride in (16, 8):
+        assert_shallow_features_equal(features[output_stride], features[32])
+        # The deepest map does keep a finer resolution.
+        assert features[output_stride][32].shape[1] == 32 // output_stride
+
+
+GRADIENT_MODELS = {
+    "logistic": ({}, (2, 4, 4, 1)),
+    "cnn_emnist": ({}, (2, 8, 8, 1)),
+    "resnet18": ({"norm": "group", "stage_sizes": (1, 1), "width": 8}, (2, 16, 16, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRADIENT_MODELS))
+def test_gradients_match_finite_differences_in_float64(name):
+    """Reverse-mode gradients of the training loss against central finite differences
+    (`jax.test_util.check_grads`), in float64 so that steps of 1e-6 resolve them.
+
+    Random values for every variable: at the initial ones ResNet's zero-initialised last norm
+    of each residual branch puts ReLU inputs at exactly 0, a kink where the one-sided slopes of
+    a finite difference and autodiff's derivative rightly disagree.
+    """
+    kwargs, shape = GRADIENT_MODELS[name]
+    model = get_model(name, 3, **kwargs)
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), shape, jnp.float64)
+        labels = jnp.arange(shape[0]) % 3
+        variables = jax.tree.map(lambda v: v.astype(jnp.float64), host_variables(model, x))
+
+        def loss(params):
+            logits = model.apply({**variables, "params": params}, x, train=False)
+            log_probs = jax.nn.log_softmax(logits)
+            return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
+
+        params = variables["params"]
+        assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(params))
+        jax.test_util.check_grads(jax.jit(loss), (params,), order=1, modes=["rev"], eps=1e-6)
 
 
 def test_invalid_output_stride_is_rejected():

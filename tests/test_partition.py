@@ -1,14 +1,14 @@
 """Partitioners, partition statistics, the partition.json record and the partition plots."""
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import stats
 
 from fedjax_cv.data import partition, plots
+from tests import real_data
 
 NUM_CLASSES = 10
 
@@ -138,6 +138,94 @@ def test_lda_sizes_vary_and_respect_min_size(labels):
     sizes = [len(c) for c in clients]
     assert min(sizes) >= 25
     assert max(sizes) > 1.5 * min(sizes)
+    # `balance`: a client holding n / num_clients examples gets no share of later classes, so
+    # it ends below that fair share plus the one class that took it over.
+    largest_class = np.bincount(labels).max()
+    assert max(sizes) < len(labels) / 10 + largest_class
+
+
+def test_lda_without_balance_splits_every_class_by_dirichlet_proportions():
+    """balance=False: every class is cut over all clients by proportions ~ Dir(alpha * 1).
+
+    Client k's share of a class is then marginally Beta(alpha, (K - 1) alpha): mean 1/K,
+    variance v = (1/K)(1 - 1/K) / (K alpha + 1). Over C independent classes, client k's mean
+    share has standard deviation sqrt(v / C); the sample variance of all K * C shares has
+    relative standard deviation sqrt((kurtosis - 1) / (K C)), kurtosis 5.55 for Beta(1, 9)
+    (excess 6 [(a-b)^2 (a+b+1) - ab (a+b+2)] / [ab (a+b+2)(a+b+3)] = 2.55): 4.8% at K C = 2000.
+    Both are checked at 5 standard deviations (a false failure about once in 10^6 seeds);
+    cutting at floor(cumulative share * n) moves a count by less than one, a share by < 0.01.
+    """
+    num_clients, num_classes, per_class, alpha = 10, 200, 100, 1.0
+    labels = np.repeat(np.arange(num_classes), per_class)
+    clients = partition.lda(labels, num_clients, 0, alpha=alpha, min_client_size=10, balance=False)
+    np.testing.assert_array_equal(np.sort(np.concatenate(clients)), np.arange(len(labels)))
+    assert min(len(c) for c in clients) >= 10
+    shares = partition.label_histograms(labels, clients, num_classes) / per_class  # [K, C]
+    variance = (1 / num_clients) * (1 - 1 / num_clients) / (num_clients * alpha + 1)
+    np.testing.assert_allclose(
+        shares.mean(axis=1), 1 / num_clients, atol=5 * np.sqrt(variance / num_classes)
+    )
+    assert abs(shares.var() / variance - 1) < 5 * 0.048
+    # Without the cap, some client passes the bound that balance=True keeps (see above):
+    # 100 classes of 100 at alpha 0.1 spread client sizes far past 1000 + 100.
+    labels = np.repeat(np.arange(100), 100)
+    for balance, beyond in ((False, True), (True, False)):
+        clients = partition.lda(labels, 10, 0, alpha=0.1, balance=balance)
+        assert (max(len(c) for c in clients) >= 1000 + 100) == beyond, balance
+
+
+def test_dirichlet_gives_every_client_its_size_and_the_population_mean():
+    """Client k draws q_k ~ Dir(alpha p), then n labels from q_k. Far from exhausting any class
+    (20,000 of 110,000 examples drawn), client k's label frequencies f_k have mean p and, per
+    class, variance Var(q_kc) + E[q_kc (1 - q_kc)] / n = p_c (1 - p_c) (1 + alpha / n) /
+    (alpha + 1). The mean over K independent clients is within 5 of its standard deviations,
+    sqrt(that / K), of p (a false failure about once in 10^6 seeds per class); a partition
+    that ignored the prior (Dir(alpha * 1)) would be 28 of them away on class 0 here."""
+    counts = np.arange(1, NUM_CLASSES + 1) * 2000
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(NUM_CLASSES), counts))
+    prior = counts / counts.sum()
+    num_clients, size, alpha = 1000, 20, 1.0
+    clients = partition.dirichlet(labels, num_clients, 0, alpha=alpha, client_size=size)
+    assert [len(c) for c in clients] == [size] * num_clients
+    assert len(np.unique(np.concatenate(clients))) == num_clients * size
+    frequencies = partition.label_histograms(labels, clients, NUM_CLASSES) / size
+    variance = prior * (1 - prior) * (1 + alpha / size) / (alpha + 1)
+    np.testing.assert_array_less(
+        np.abs(frequencies.mean(axis=0) - prior), 5 * np.sqrt(variance / num_clients)
+    )
+    # The default size is the split's examples over the clients, for every client.
+    clients = partition.dirichlet(labels[:1003], 10, 1, alpha=0.5)
+    assert [len(c) for c in clients] == [100] * 10
+    # A given class prior replaces the label frequencies: a class it gives no mass is absent.
+    skewed = np.array([0.0, 0.5, 0.5] + [0.0] * (NUM_CLASSES - 3))
+    clients = partition.dirichlet(labels, 50, 2, alpha=10.0, client_size=20, class_prior=skewed)
+    histograms = partition.label_histograms(labels, clients, NUM_CLASSES)
+    assert [len(c) for c in clients] == [20] * 50
+    assert histograms[:, 0].sum() == 0 and histograms[:, 3:].sum() == 0
+
+
+@pytest.mark.parametrize(
+    "total, weights, expected",
+    [
+        # 10 - 4 = 6 to share: 1.5 each; floors 1, two left over go to the first two of the
+        # four tied remainders (stable order); + the 1 every client gets.
+        (10, [1, 1, 1, 1], [3, 3, 2, 2]),
+        # 7 - 3 = 4: shares 2/3, 4/3, 2; floors 0, 1, 2; one left over, largest remainder 2/3.
+        (7, [1, 2, 3], [2, 2, 3]),
+        # Nothing beyond the 1 each: weights do not matter.
+        (3, [5.0, 1e-4, 1e-4], [1, 1, 1]),
+        # 100 - 3 = 97: 32 1/3 each; one left over to the first of three tied remainders.
+        (100, [2, 2, 2], [34, 33, 33]),
+        # 20 - 2 = 18: shares 18 * 0.9 = 16.2 and 1.8; floors 16, 1; one left over to the
+        # remainder 0.8, not 0.2.
+        (20, [9, 1], [17, 3]),
+        (5, [0.3], [5]),
+    ],
+)
+def test_apportion_by_hand(total, weights, expected):
+    sizes = partition._apportion(total, np.asarray(weights, float))
+    assert sizes.tolist() == expected
+    assert sizes.sum() == total
 
 
 def test_shards_by_hand():
@@ -163,6 +251,21 @@ def test_lognormal_sizes():
     assert sum(sizes) == 1000 and min(sizes) >= 1 and max(sizes) > 3 * min(sizes)
     equal = [len(c) for c in partition.lognormal(labels, 20, 0, sigma=0.0)]
     assert equal == [50] * 20
+
+
+def test_lognormal_log_sizes_are_normal_with_scale_sigma():
+    """Sizes proportional to LogNormal(0, sigma) draws: log sizes are normal with standard
+    deviation sigma up to a shift. 1000 clients of 1000 examples on average keep the smallest
+    (the least of 1000 draws, about e^-3.1, over their mean e^0.5: ~30 examples) far enough
+    from the rounding to whole examples;
+    the sample standard deviation of 1000 normals is within 5 / sqrt(2 * 999) = 11% of sigma,
+    and a KS test against the normal rejects at p < 1e-3 once in a thousand seeds."""
+    sigma, num_clients = 1.0, 1000
+    clients = partition.lognormal(np.zeros(1_000_000, int), num_clients, 0, sigma=sigma)
+    log_sizes = np.log([len(c) for c in clients])
+    assert abs(log_sizes.std(ddof=1) / sigma - 1) < 5 / np.sqrt(2 * (num_clients - 1))
+    standardised = (log_sizes - log_sizes.mean()) / sigma
+    assert stats.kstest(standardised, "norm").pvalue > 1e-3
 
 
 def test_fedcv_detection_by_hand():
@@ -303,14 +406,8 @@ def test_detection_table_shows_boxes(annotations):
     assert f"{record.stats.num_boxes} boxes" in table.splitlines()[0]
 
 
-def _data_root() -> Path:
-    return Path(os.environ.get("FEDJAX_CV_DATA", Path(__file__).parents[2] / "shared" / "data"))
-
-
 def test_fedcv_detection_on_coco128_labels():
-    label_dir = _data_root() / "coco128" / "object_detection" / "labels" / "train2017"
-    if not label_dir.is_dir():
-        pytest.skip(f"real data not found at {label_dir} (set FEDJAX_CV_DATA)")
+    label_dir = real_data.require("coco128/object_detection/labels/train2017")
     annotations = [
         np.asarray([int(line.split()[0]) for line in p.read_text().splitlines() if line.strip()])
         for p in sorted(label_dir.glob("*.txt"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import random
@@ -14,9 +15,12 @@ import numpy as np
 import pytest
 
 from fedjax_cv import algorithms, checkpointing
-from fedjax_cv.train import TrainingError, train_and_evaluate
+from fedjax_cv import train as train_module
+from fedjax_cv.data.pipeline import GrainCohortBuilder
+from fedjax_cv.train import TrainingError, build_experiment, params_sha256, train_and_evaluate
 from fedjax_cv.validation import ConfigError
 from tests import linear_problem as lp
+from tests.configs_loader import load_config, override
 from tests.test_train import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -71,12 +75,41 @@ def test_clients_with_nan_data_get_zero_weight_and_the_run_completes(tmp_path):
     assert record["eval/loss"] == record["eval/loss"]  # finite model: not NaN
 
 
-def test_a_round_of_only_nonfinite_clients_stops_with_checkpoint_intact(tmp_path):
+class PoisonedFromRound3(GrainCohortBuilder):
+    """Test-only seam: `data.poisoned_clients` applies from round 3 on (round_index 2)."""
+
+    def __call__(self, round_index: int):
+        if round_index < 2:
+            return GrainCohortBuilder.__call__(
+                dataclasses.replace(self, poisoned_clients=0), round_index
+            )
+        return GrainCohortBuilder.__call__(self, round_index)
+
+
+def test_a_round_of_only_nonfinite_clients_stops_with_checkpoint_intact(tmp_path, monkeypatch):
     config = tiny_config(
         **{"data.poisoned_clients": 6, "algorithm.clients_per_round": 6, "num_rounds": 3}
     )
     with pytest.raises(TrainingError, match="round 1: all 6 clients returned non-finite"):
-        train_and_evaluate(config, str(tmp_path))
+        train_and_evaluate(config, str(tmp_path / "from_round_1"))
+    # Poisoned from round 3 only: rounds 1 and 2 are those of a clean run, checkpoint 2 holds
+    # exactly the clean run's round-2 params, and round 3 stops the run without a checkpoint 3.
+    overrides = {"algorithm.clients_per_round": 6, "checkpoint.every_rounds": 1}
+    clean = train_and_evaluate(tiny_config(num_rounds=2, **overrides), str(tmp_path / "clean"))
+    monkeypatch.setattr(train_module, "GrainCohortBuilder", PoisonedFromRound3)
+    config = tiny_config(num_rounds=4, **{"data.poisoned_clients": 6, **overrides})
+    workdir = tmp_path / "from_round_3"
+    with pytest.raises(TrainingError, match=r"round 3: all 6 clients .*checkpoint \(round 2\)"):
+        train_and_evaluate(config, str(workdir))
+    assert checkpointing.latest_step(workdir) == 2
+    target = build_experiment(config).initial_state
+    manager = checkpointing.manager(workdir, keep=3)
+    restored = checkpointing.restore(manager, 2, target)
+    manager.close()
+    assert int(restored.round) == 2
+    assert params_sha256(restored.params) == clean["params_sha256"]
+    rounds = [json.loads(line)["round"] for line in (workdir / "metrics.jsonl").open()]
+    assert rounds == [1, 2]
 
 
 def test_resume_with_another_model_is_refused_and_changes_nothing(tmp_path):
@@ -87,6 +120,42 @@ def test_resume_with_another_model_is_refused_and_changes_nothing(tmp_path):
     with pytest.raises(ConfigError, match=r"algorithm\.client\.learning_rate=0\.5 differs"):
         train_and_evaluate(tiny_config(**{"algorithm.client.learning_rate": 0.5}), str(tmp_path))
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def runlocal(**overrides):
+    """configs/shapes_fedavg.py:runlocal with the logistic model (fast), checkpoints each round."""
+    config = load_config(CONFIG)
+    config.model.name = "logistic"
+    config.checkpoint.every_rounds = 1
+    return override(config, overrides)
+
+
+def test_resume_after_changing_only_keys_that_may_change(tmp_path):
+    """eval.*, checkpoint.*, data.root and the loop's lengths may change on resume; a key of
+    the math (algorithm.client.learning_rate) may not. The resumed run ends exactly where an
+    uninterrupted one does."""
+    uninterrupted = train_and_evaluate(runlocal(num_rounds=2), str(tmp_path / "reference"))
+    workdir = tmp_path / "run"
+    train_and_evaluate(runlocal(num_rounds=1), str(workdir))
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    with pytest.raises(ConfigError, match=r"algorithm\.client\.learning_rate=0\.07 differs"):
+        train_and_evaluate(
+            runlocal(num_rounds=2, **{"algorithm.client.learning_rate": 0.07}), str(workdir)
+        )
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+    free = {
+        "eval.batch_size": 64,
+        "eval_every_rounds": 1,
+        "log_every_rounds": 2,
+        "checkpoint.every_rounds": 2,
+        "checkpoint.keep": 1,
+        "data.root": str(tmp_path / "elsewhere"),
+    }
+    # Each is a key of the config, not a new one that nothing reads.
+    assert set(free) <= set(checkpointing.flat_config(runlocal()))
+    resumed = train_and_evaluate(runlocal(num_rounds=2, **free), str(workdir))
+    assert resumed["round"] == 2
+    assert resumed["params_sha256"] == uninterrupted["params_sha256"]
 
 
 def test_allowed_config_change_still_refuses_mismatched_shapes(tmp_path):

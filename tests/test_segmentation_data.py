@@ -3,7 +3,6 @@ masks; partitions of masks; the "segmentation" augmentation preset."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import ml_collections
@@ -16,21 +15,16 @@ from fedjax_cv.config_base import base_config
 from fedjax_cv.data import augment, partition, shapes, sources
 from fedjax_cv.data.pipeline import GrainCohortBuilder
 from fedjax_cv.data.registry import DATASETS, build_dataset, partition_params
+from tests import real_data
 
-DATA = Path(os.environ.get("FEDJAX_CV_DATA", Path(__file__).parents[2] / "shared" / "data"))
+DATA = real_data.DATA
 IGNORE = sources.IGNORE_LABEL
 
 
 def _real(relative: str) -> Path:
-    """A folder of the shared real data; skipped when absent, unless FEDJAX_CV_REQUIRE_DATA=1
-    says the run must have it."""
-    path = DATA / relative
-    if not path.exists():
-        reason = f"real dataset {path} not found (set FEDJAX_CV_DATA to the shared data folder)"
-        if os.environ.get("FEDJAX_CV_REQUIRE_DATA") == "1":
-            pytest.fail(f"{reason}; FEDJAX_CV_REQUIRE_DATA=1 requires it")
-        pytest.skip(reason)
-    return path
+    """A folder of the shared real data (skipped when absent, failed with
+    FEDJAX_CV_REQUIRE_DATA=1; see tests/real_data.py)."""
+    return real_data.require(relative)
 
 
 def _one_line(error: pytest.ExceptionInfo) -> None:

@@ -5,7 +5,9 @@ import io
 import os
 import pickle
 import shutil
+import subprocess
 import tarfile
+import textwrap
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +18,9 @@ from PIL import Image
 
 from fedjax_cv.data import cache as cache_lib
 from fedjax_cv.data import sources
+from tests import real_data
 
-DATA = Path(os.environ.get("FEDJAX_CV_DATA", Path(__file__).parents[2] / "shared" / "data"))
+DATA = real_data.DATA
 CIFAR_CLASSES = (
     "airplane",
     "automobile",
@@ -33,10 +36,7 @@ CIFAR_CLASSES = (
 
 
 def _real(relative: str) -> Path:
-    path = DATA / relative
-    if not path.exists():
-        pytest.skip(f"real dataset {path} not found (set FEDJAX_CV_DATA to the shared data folder)")
-    return path
+    return real_data.require(relative)
 
 
 @pytest.fixture(scope="module")
@@ -612,7 +612,44 @@ def test_tfds_unprepared_data_dir(tmp_path):
     _one_line(error)
 
 
-def test_no_tensorflow_imported():
+def test_no_tensorflow_imported(tmp_path):
+    """Reading the tfds catalog (`tfds.data_source`) and the training loop never import
+    TensorFlow. TensorFlow is not installed here, so `import tensorflow` cannot succeed and the
+    check of sys.modules alone could never fail: a stand-in `tensorflow` package first on the
+    path of a fresh interpreter lets every attempt succeed, as an installed TensorFlow would,
+    and records where it came from."""
     import sys
 
     assert "tensorflow" not in sys.modules
+    pytest.importorskip("tensorflow_datasets")
+    stand_in = tmp_path / "path" / "tensorflow"
+    stand_in.mkdir(parents=True)
+    record = tmp_path / "tensorflow_imported_from.txt"
+    (stand_in / "__init__.py").write_text(
+        "import pathlib, traceback\n"
+        f"pathlib.Path({str(record)!r}).write_text(''.join(traceback.format_stack()))\n"
+    )
+    script = textwrap.dedent(
+        """
+        import sys
+        import fedjax_cv.data.inspect, fedjax_cv.data.registry, fedjax_cv.train
+        import tensorflow_datasets as tfds
+        from fedjax_cv.data import sources
+        with tfds.testing.mock_data(num_examples=3):
+            for name in ("mnist", "voc/2007"):
+                assert len(sources.tfds_source(name, "train")[0]) > 0
+        assert "tensorflow" not in sys.modules
+        print("read without tensorflow")
+        """
+    )
+    path = os.pathsep.join(filter(None, [str(stand_in.parent), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[1],
+        env=dict(os.environ, PYTHONPATH=path),
+        capture_output=True,
+        text=True,
+    )
+    assert not record.exists(), f"tensorflow imported from:\n{record.read_text()[-3000:]}"
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "read without tensorflow" in result.stdout

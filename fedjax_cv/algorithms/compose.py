@@ -101,9 +101,10 @@ def federated_algorithm(
     )
     donate_argnums = (0,) if donate else ()
 
-    def update(state, total, client_ids, kept):
+    def update(state, total, clients, kept):
         state, metrics = server_update(server_optimizer, state, total)
-        return state.replace(client_local=scatter(state.client_local, client_ids, kept)), metrics
+        store = scatter(state.client_local, clients.client_id, kept, clients.occurrence)
+        return state.replace(client_local=store), metrics
 
     def compiled_round(strategy_name, gate_steps):
         def round_fn(state, cohort, rng):
@@ -120,7 +121,7 @@ def federated_algorithm(
                 local=gather(state.client_local, ids),
                 gate_steps=gate_steps,
             )
-            return update(state, total, ids, kept)
+            return update(state, total, cohort.clients, kept)
 
         return jax.jit(round_fn, donate_argnums=donate_argnums)
 
@@ -133,7 +134,7 @@ def federated_algorithm(
             ids = cohort.clients.client_id
             own = jitted_gather(state.client_local, ids)
             total, kept = loop((state.params, state.model_state), cohort, rng, own)
-            return jitted_update(state, total, ids, kept)
+            return jitted_update(state, total, cohort.clients, kept)
 
         return round_fn
 

@@ -113,15 +113,29 @@ def gather(store: dict, client_ids: jax.Array) -> dict:
     return jax.tree.map(lambda s: s[client_ids], store)
 
 
-def scatter(store: dict, client_ids: jax.Array, kept: dict) -> dict:
+def scatter(
+    store: dict, client_ids: jax.Array, kept: dict, occurrence: jax.Array | None = None
+) -> dict:
     """Writes back what each real, finite client ended with; others leave their row as it was.
 
-    A client drawn twice in one cohort (FedVC) keeps the values of one of its copies.
+    A client drawn more than once in one cohort (FedVC) keeps the values of its written copy
+    with the highest `occurrence` (ties: the later slot). Only that copy is scattered: XLA
+    applies duplicate scatter indices in an unspecified order (nondeterministic on GPUs).
     """
     if not store:
         return store
     num_clients = jax.tree.leaves(store)[0].shape[0]
-    rows = jnp.where(kept["write"], client_ids, num_clients)  # out of range: dropped
+    write = kept["write"]
+    slot = jnp.arange(client_ids.shape[0])
+    rank = slot if occurrence is None else occurrence
+    # [i, j]: slot j holds a written copy of slot i's client that ranks after slot i's.
+    after = (rank[None, :] > rank[:, None]) | (
+        (rank[None, :] == rank[:, None]) & (slot[None, :] > slot[:, None])
+    )
+    superseded = jnp.any(
+        (client_ids[None, :] == client_ids[:, None]) & after & write[None, :], axis=1
+    )
+    rows = jnp.where(write & ~superseded, client_ids, num_clients)  # out of range: dropped
     return jax.tree.map(lambda s, v: s.at[rows].set(v, mode="drop"), store, kept["values"])
 
 
