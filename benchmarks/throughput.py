@@ -1,16 +1,22 @@
 """Client-examples/s of a federated round, beside centralized training of the same model.
 
-    python benchmarks/throughput.py --out=/tmp/throughput.json [--workloads=T,C,R] [--cohorts=10]
+    python benchmarks/throughput.py --out=/tmp/throughput.json [--workloads=T,C,R,S] [--cohorts=10]
 
-Workloads (the core issue's): T logistic and C cnn_emnist on 100 clients x 50 examples of
-28x28x1 with 62 classes; R cnn_hsu on 32x32x3 with 10 classes; batch 10, one local epoch.
-Every federated figure is printed beside centralized SGD of the same model at batch 10 and at
-batch = cohort x 10, measured in the same run, with the ratios: timings on a shared machine are
-noisy, ratios much less so: the runners take turns in timing windows and each keeps its best.
+Workloads (the table `WORKLOADS`; each names its task, model and how to build random examples):
+T logistic and C cnn_emnist on 100 clients x 50 examples of 28x28x1 with 62 classes; R cnn_hsu
+on 32x32x3 with 10 classes; S segmentation with a U-Net of base width 16 on 64x64x3 images and
+uint8 masks of 5 classes with about 10% of pixels 255 (ignored), cohort 4, 20 examples a
+client. Batch 10 and one local epoch throughout. Every federated figure is printed beside
+centralized SGD of the same model at batch 10 (`centralized_b10_examples_per_s`: for every
+workload, S included, the federated batch size) and at batch = cohort x 10, measured in the same
+run, with the ratios: timings on a shared machine are noisy, ratios much less so: the runners
+take turns in timing windows and each keeps its best. Dense workloads (S) also report
+`client_pixels_per_s`, image pixels trained on per second (ignored pixels included: the model
+computes them all), so the ratio of pixels/s equals that of examples/s.
 With several devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=2, one a core)
 it also times the vmap and sequential rounds sharded over all of them (`strategy@devices`).
 Inputs of both sides are prebuilt on the device (the input pipeline has its own benchmark,
-benchmarks/data_pipeline.py).
+benchmarks/data_pipeline.py); compilation happens in a warm-up call outside the windows.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -29,13 +36,68 @@ from fedjax_cv.engine import ClientInfo, Cohort, client_mesh, resolve_strategy
 from fedjax_cv.models import get_model
 from fedjax_cv.tasks import get_task, make_centralized_step
 
+BATCH = 10
+IGNORE_LABEL = 255  # the segmentation task's label of pixels without a loss
+
+# (rng, leading shape) -> examples whose leaves are [*leading shape, ...].
+ExampleMaker = Callable[[np.random.Generator, tuple[int, ...]], dict]
+
+
+def labelled_images(shape: tuple[int, ...], num_classes: int) -> ExampleMaker:
+    """Random images with one class label each."""
+
+    def make(rng, leading):
+        return {
+            "image": rng.normal(size=leading + shape).astype(np.float32),
+            "label": rng.integers(0, num_classes, leading).astype(np.int32),
+        }
+
+    return make
+
+
+def masked_images(
+    shape: tuple[int, ...], num_classes: int, ignored_fraction: float = 0.1
+) -> ExampleMaker:
+    """Random images with a uint8 class mask each, `ignored_fraction` of pixels ignored."""
+
+    def make(rng, leading):
+        mask = rng.integers(0, num_classes, leading + shape[:2]).astype(np.uint8)
+        mask[rng.random(mask.shape) < ignored_fraction] = IGNORE_LABEL
+        return {"image": rng.normal(size=leading + shape).astype(np.float32), "mask": mask}
+
+    return make
+
+
+class Workload(NamedTuple):
+    """A model of `model(num_classes, **model_kwargs)` trained on the task `task`."""
+
+    model: str
+    task: str
+    num_classes: int
+    examples: ExampleMaker
+    cohorts: tuple[int, ...]
+    model_kwargs: tuple[tuple[str, object], ...] = ()
+    examples_per_client: int = 50
+    central_steps: int = 8  # SGD steps in one call of a centralized runner
+    pixels_per_example: int = 0  # dense tasks: image pixels an example trains on
+
+
 WORKLOADS = {
-    # name: (model, image shape, classes, cohorts)
-    "T": ("logistic", (28, 28, 1), 62, (10, 50)),
-    "C": ("cnn_emnist", (28, 28, 1), 62, (10,)),
-    "R": ("cnn_hsu", (32, 32, 3), 10, (10,)),
+    "T": Workload("logistic", "classification", 62, labelled_images((28, 28, 1), 62), (10, 50)),
+    "C": Workload("cnn_emnist", "classification", 62, labelled_images((28, 28, 1), 62), (10,)),
+    "R": Workload("cnn_hsu", "classification", 10, labelled_images((32, 32, 3), 10), (10,)),
+    "S": Workload(
+        "unet",
+        "segmentation",
+        5,
+        masked_images((64, 64, 3), 5),
+        (4,),
+        model_kwargs=(("base_width", 16),),
+        examples_per_client=20,
+        central_steps=2,
+        pixels_per_example=64 * 64,
+    ),
 }
-EXAMPLES_PER_CLIENT, BATCH = 50, 10
 
 
 def interleaved_rates(runners: dict, windows: int, seconds: float) -> dict[str, float]:
@@ -58,32 +120,27 @@ def interleaved_rates(runners: dict, windows: int, seconds: float) -> dict[str, 
     return {name: runners[name][1] / best[name] for name in runners}
 
 
-def make_cohort(rng, cohort: int, shape, num_classes: int) -> Cohort:
-    steps = EXAMPLES_PER_CLIENT // BATCH
-    images = rng.normal(size=(cohort, steps, BATCH) + shape).astype(np.float32)
-    labels = rng.integers(0, num_classes, (cohort, steps, BATCH)).astype(np.int32)
+def make_cohort(rng, workload: Workload, cohort: int) -> Cohort:
+    steps = workload.examples_per_client // BATCH
     info = ClientInfo(
         client_id=np.arange(cohort, dtype=np.int32),
         occurrence=np.zeros(cohort, np.int32),
-        num_examples=np.full(cohort, EXAMPLES_PER_CLIENT, np.float32),
-        label_counts=np.ones((cohort, num_classes), np.float32),
+        num_examples=np.full(cohort, workload.examples_per_client, np.float32),
+        label_counts=np.ones((cohort, workload.num_classes), np.float32),
     )
-    return Cohort({"image": images, "label": labels}, np.ones((cohort, steps, BATCH), bool), info)
+    return Cohort(
+        workload.examples(rng, (cohort, steps, BATCH)),
+        np.ones((cohort, steps, BATCH), bool),
+        info,
+    )
 
 
-def centralized(model, params, shape, num_classes, batch, rng):
-    """A runner of 8 plain SGD steps dispatched from Python on prebuilt batches."""
+def centralized(workload: Workload, model, params, batch: int, rng):
+    """A runner of `central_steps` plain SGD steps dispatched from Python on prebuilt batches."""
     optimizer = optax.sgd(0.01)
-    step = make_centralized_step(get_task("classification"), model, optimizer)
-
+    step = make_centralized_step(get_task(workload.task), model, optimizer)
     batches = [
-        jax.device_put(
-            {
-                "image": rng.normal(size=(batch,) + shape).astype(np.float32),
-                "label": rng.integers(0, num_classes, batch).astype(np.int32),
-            }
-        )
-        for _ in range(8)
+        jax.device_put(workload.examples(rng, (batch,))) for _ in range(workload.central_steps)
     ]
     state = [params, optimizer.init(params)]
     key = jax.random.key(0)
@@ -93,17 +150,18 @@ def centralized(model, params, shape, num_classes, batch, rng):
             state[0], state[1] = step(state[0], state[1], b, key)
         return state[0]
 
-    return run, 8 * batch
+    return run, workload.central_steps * batch
 
 
-def federated(model, params, cohort, strategy, mesh=None):
+def federated(workload: Workload, model, params, cohort, strategy, mesh=None):
     """A runner of one FedAvg round on `cohort` with `strategy` (sharded over `mesh`)."""
+    task = get_task(workload.task)
     algorithm = algorithms.fedavg(
-        get_task("classification").make_loss_fn(model),
+        task.make_loss_fn(model),
         0.01,
         strategy=strategy,
         mesh=mesh,
-        metric_names=get_task("classification").metric_names,
+        metric_names=task.metric_names,
     )
     state = [algorithm.init(params)]
     key = jax.random.key(1)
@@ -118,31 +176,36 @@ def federated(model, params, cohort, strategy, mesh=None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="JSON file for the measurements")
-    parser.add_argument("--workloads", default="T,C,R")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="e.g. S, or T,C")
     parser.add_argument("--strategies", default="auto,vmap,sequential,host")
     parser.add_argument("--windows", type=int, default=3, help="timing windows per runner")
     parser.add_argument("--seconds", type=float, default=1.0, help="minimum length of a window")
     parser.add_argument("--cohorts", default="", help="only these cohort sizes, e.g. 10")
     args = parser.parse_args()
+    names = args.workloads.split(",")
+    unknown = [name for name in names if name not in WORKLOADS]
+    if unknown:
+        parser.error(f"--workloads={args.workloads}: unknown {unknown}; known: {list(WORKLOADS)}")
     only = {int(c) for c in args.cohorts.split(",") if c}
     rng = np.random.default_rng(0)
     mesh = client_mesh()  # several devices: also time the sharded round
     rows = []
-    for name in args.workloads.split(","):
-        model_name, shape, num_classes, cohorts = WORKLOADS[name]
-        model = get_model(model_name, num_classes)
-        params = model.init(jax.random.key(0), jnp.zeros((1,) + shape), train=False)["params"]
-        for cohort_size in (c for c in cohorts if not only or c in only):
-            cohort = jax.device_put(make_cohort(rng, cohort_size, shape, num_classes))
+    for name in names:
+        workload = WORKLOADS[name]
+        model = get_model(workload.model, workload.num_classes, **dict(workload.model_kwargs))
+        sample = workload.examples(rng, (1,))["image"]
+        params = model.init(jax.random.key(0), sample, train=False)["params"]
+        for cohort_size in (c for c in workload.cohorts if not only or c in only):
+            cohort = jax.device_put(make_cohort(rng, workload, cohort_size))
             runners = {
-                "b10": centralized(model, params, shape, num_classes, BATCH, rng),
-                "big": centralized(model, params, shape, num_classes, BATCH * cohort_size, rng),
+                "b10": centralized(workload, model, params, BATCH, rng),
+                "big": centralized(workload, model, params, BATCH * cohort_size, rng),
             }
             for strategy in args.strategies.split(","):
-                runners[strategy] = federated(model, params, cohort, strategy)
+                runners[strategy] = federated(workload, model, params, cohort, strategy)
                 if mesh is not None and strategy in ("vmap", "sequential"):
                     runners[f"{strategy}@{len(mesh.devices)}"] = federated(
-                        model, params, cohort, strategy, mesh
+                        workload, model, params, cohort, strategy, mesh
                     )
             strategies = [s for s in runners if s not in ("b10", "big")]
             rates = interleaved_rates(runners, args.windows, args.seconds)
@@ -152,7 +215,7 @@ def main() -> None:
                     label = f"auto->{resolve_strategy('auto', params)}"
                 rows.append(
                     {
-                        "workload": f"{name}:{model_name}",
+                        "workload": f"{name}:{workload.model}",
                         "strategy": label,
                         "cohort": cohort_size,
                         "client_examples_per_s": rates[strategy],
@@ -160,6 +223,8 @@ def main() -> None:
                         "centralized_big_examples_per_s": rates["big"],
                     }
                 )
+                if workload.pixels_per_example:
+                    rows[-1]["client_pixels_per_s"] = rates[strategy] * workload.pixels_per_example
                 print(_format_row(rows[-1]), flush=True)
     print()
     print(_table(rows))
@@ -173,6 +238,7 @@ _HEADER = (
     "strategy",
     "cohort",
     "fed ex/s",
+    "fed px/s",
     "central b10",
     "central big",
     "fed/b10",
@@ -186,13 +252,15 @@ def _format_row(row: dict) -> str:
         row["centralized_b10_examples_per_s"],
         row["centralized_big_examples_per_s"],
     )
+    pixels = row.get("client_pixels_per_s")
     cells = (
         row["workload"],
         row["strategy"],
         str(row["cohort"]),
-        f"{fed:,.0f}",
-        f"{b10:,.0f}",
-        f"{big:,.0f}",
+        f"{fed:,.1f}" if fed < 100 else f"{fed:,.0f}",
+        "-" if pixels is None else f"{pixels:,.0f}",
+        f"{b10:,.1f}" if b10 < 100 else f"{b10:,.0f}",
+        f"{big:,.1f}" if big < 100 else f"{big:,.0f}",
         f"{fed / b10:.2f}",
         f"{fed / big:.2f}",
     )

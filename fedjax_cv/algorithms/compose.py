@@ -9,11 +9,11 @@ FedVC is one call:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_cv.algorithms import sampling
 from fedjax_cv.algorithms.base import FederatedAlgorithm, PerExampleLoss
@@ -154,8 +154,16 @@ def federated_algorithm(
             rounds[key] = host_round() if name == "host" else compiled_round(*key)
         return rounds[key](state, cohort, rng)
 
+    def init(params, model_state=None, num_clients: int = 0):
+        state = server_init(server_optimizer, params, model_state, num_clients, local=local)
+        if mesh is not None:
+            # Where a sharded round leaves its output: placed there from the start, the second
+            # round reuses the first round's executable instead of compiling one for it.
+            state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        return state
+
     return FederatedAlgorithm(
-        init=functools.partial(server_init, server_optimizer, local=local),
+        init=init,
         apply=apply,
         client_sampler=client_sampler or sampling.uniform_clients(),
         example_sampler=example_sampler or sampling.local_epochs(1),
