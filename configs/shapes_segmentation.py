@@ -16,28 +16,16 @@ shared with other work (16 minutes there): eval mIoU 0.28 at round 10, 0.51 at 5
 and 0.89 at round 100 (pixel accuracy 0.99).
 """
 
-from fedjax_cv.config_base import base_config, parse_arg
+from fedjax_cv.config_base import base_config, parse_arg, segmentation_model, set_rounds
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
-    unknown = set(args) - {"runlocal", "alpha", "model", "width"}
-    if unknown:
-        raise ValueError(
-            f"config argument {sorted(unknown)[0]!r} is unknown; known: runlocal, alpha, model, "
-            "width"
-        )
+    args = parse_arg(arg, ("runlocal", "alpha", "model", "width"))
     config = base_config()
     config.seed = 0
-    config.num_rounds = 100
-    config.eval_every_rounds = 10
-    config.checkpoint.every_rounds = 10
+    set_rounds(config, 100, 10)
 
-    config.model.name = args.get("model", "unet")
-    if config.model.name == "unet":
-        config.model.kwargs.base_width = 16
-    elif "width" in args:
-        config.model.kwargs.width_multiplier = float(args["width"])
+    segmentation_model(config, args)
 
     config.algorithm.name = "fedavg"
     config.algorithm.clients_per_round = 4
@@ -58,9 +46,7 @@ def get_config(arg=None):
     config.eval.batch_size = 100
 
     if "runlocal" in args:
-        config.num_rounds = 3
-        config.eval_every_rounds = 3
-        config.checkpoint.every_rounds = 3
+        set_rounds(config, 3, 3)
         config.data.num_clients = 10
         config.data.num_train_examples = 200
         config.data.num_test_examples = 40

@@ -98,13 +98,34 @@ def load_config(path: str | os.PathLike, arg: str | None = None) -> ml_collectio
     return module.get_config(arg)
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """'runlocal,alpha=0.5' -> {'runlocal': '', 'alpha': '0.5'}."""
+def parse_arg(arg: str | None, known: tuple[str, ...] | None = None) -> dict[str, str]:
+    """'runlocal,alpha=0.5' -> {'runlocal': '', 'alpha': '0.5'}; with `known`, an argument
+    outside it is a ValueError naming it and the known ones."""
     out = {}
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
         out[key.strip()] = value.strip()
+    unknown = sorted(set(out) - set(known)) if known is not None else []
+    if unknown:
+        raise ValueError(f"config argument {unknown[0]!r} is unknown; known: {', '.join(known)}")
     return out
+
+
+def set_rounds(config: ml_collections.ConfigDict, rounds: int, every: int) -> None:
+    """`rounds` rounds, evaluated and checkpointed every `every` (and after the last)."""
+    config.num_rounds = rounds
+    config.eval_every_rounds = every
+    config.checkpoint.every_rounds = every
+
+
+def segmentation_model(config: ml_collections.ConfigDict, args: dict[str, str]) -> None:
+    """`model=<name>` (default a U-Net of base width 16) and `width=<float>`, the width
+    multiplier of a backbone model, shared by the segmentation configs."""
+    config.model.name = args.get("model", "unet")
+    if config.model.name == "unet":
+        config.model.kwargs.base_width = 16
+    elif "width" in args:
+        config.model.kwargs.width_multiplier = float(args["width"])
 
 
 def dirichlet_classification(
