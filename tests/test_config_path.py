@@ -20,20 +20,14 @@ from fedjax_cv.algorithms.registry import ALGORITHMS, build_algorithm
 from fedjax_cv.config_base import base_config
 from tests import linear_problem as lp
 from tests import norm_problem as bn
+from tests.configs_loader import override
 
 LR = 0.05  # the config's default client learning rate
 PRIOR = np.array([0.4, 0.3, 0.2, 0.1], np.float32)
 
 
 def algorithm_config(overrides: dict):
-    config = base_config().algorithm
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return override(base_config().algorithm, overrides)
 
 
 # id -> (config fields, preset from a loss function, problem)

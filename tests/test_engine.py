@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,6 +13,7 @@ from fedjax_cv import algorithms
 from fedjax_cv.engine import pad_clients, resolve_strategy
 from fedjax_cv.engine.strategies import has_empty_steps
 from tests import linear_problem as lp
+from tests.xla import run_on_devices
 
 ALGORITHMS = {
     "fedavg": lambda **kw: algorithms.fedavg(lp.loss_fn, 0.1, client_momentum=0.5, **kw),
@@ -118,12 +116,7 @@ def test_eight_device_sharded_round_matches_single_device():
         print("sharded ok")
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_on_devices(script)
     assert "sharded ok" in result.stdout
 
 

@@ -4,10 +4,7 @@ cohorts in another client order, and a client drawn twice into a round with clie
 
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -18,6 +15,7 @@ import pytest
 from fedjax_cv import algorithms
 from fedjax_cv.engine import pad_clients
 from tests import linear_problem as lp
+from tests.xla import run_on_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STRATEGIES = ("vmap", "sequential", "host")
@@ -91,11 +89,7 @@ def eight_devices(tmp_path_factory):
         np.savez({str(out)!r}, **results)
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_on_devices(script)
     return dict(np.load(out))
 
 

@@ -18,6 +18,7 @@ from fedjax_cv.models import NORMS, count_params, get_model, model_names
 from fedjax_cv.models.deeplab import resize_to
 from fedjax_cv.models.mobilenet_v2 import STAGES
 from fedjax_cv.models.weights import head_modules, load_pretrained
+from tests.xla import jit
 
 SEGMENTATION = (
     "deeplabv3plus_mobilenet_v2",
@@ -39,17 +40,6 @@ REFERENCE_PARAMS = {
     "unet_resnet101": 51.51e6,
     "unet_mobilenet_v2": 7.91e6 - 1280 * 1000 - 1000,
 }
-
-# XLA:CPU compile time dominates execution tests of tiny models; see tests/test_models_zoo.py.
-FAST_COMPILE = (
-    {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-    if jax.default_backend() == "cpu"
-    else {}
-)
-
-
-def jit(fn):
-    return jax.jit(fn, compiler_options=FAST_COMPILE)
 
 
 def small_kwargs(name: str) -> dict:

@@ -21,6 +21,7 @@ from fedjax_cv.models.layers import StochasticDepth, make_divisible, stride_sche
 from fedjax_cv.models.mobilenet_v2 import STAGES
 from fedjax_cv.models.mobilenet_v3 import LARGE_BLOCKS, SMALL_BLOCKS
 from fedjax_cv.models.vit import resize_position_embedding
+from tests.xla import jit
 
 CONV_ZOO = (
     "mobilenet_v2",
@@ -55,20 +56,6 @@ REFERENCE_PARAMS = {
     "vit_b16": 86_567_656,
     "vit_l16": 304_326_632,
 }
-
-
-# Compilation, not execution, dominates these tests at 32x32: XLA:CPU spends seconds per model
-# in LLVM (a random kernel per parameter shape in `init`, every conv's gradient). Optimisation
-# level 0 with the older loop emitters compiles 5-15x faster; the arrays are tiny.
-FAST_COMPILE = (
-    {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-    if jax.default_backend() == "cpu"
-    else {}
-)
-
-
-def jit(fn):
-    return jax.jit(fn, compiler_options=FAST_COMPILE)
 
 
 def _short(blocks: tuple) -> tuple:

@@ -16,6 +16,7 @@ from fedjax_cv.data import augment, partition, shapes, sources
 from fedjax_cv.data.pipeline import GrainCohortBuilder
 from fedjax_cv.data.registry import DATASETS, build_dataset, partition_params
 from tests import real_data
+from tests.configs_loader import override
 
 DATA = real_data.DATA
 IGNORE = sources.IGNORE_LABEL
@@ -34,13 +35,7 @@ def _one_line(error: pytest.ExceptionInfo) -> None:
 def _data_config(name: str, **overrides) -> ml_collections.ConfigDict:
     config = base_config().data
     config.name = name
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    return override(config, overrides)
 
 
 # --------------------------------------------------------------------------- a tiny VOC folder

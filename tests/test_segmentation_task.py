@@ -3,9 +3,6 @@ that agree across execution strategies with ignore pixels and padding changing n
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import flax.linen as nn
@@ -18,6 +15,7 @@ from fedjax_cv import algorithms
 from fedjax_cv.engine import ClientInfo, Cohort
 from fedjax_cv.tasks import get_task, merge_stats
 from fedjax_cv.tasks.segmentation import confusion_matrix, mean_iou
+from tests.xla import run_on_devices
 
 NUM_CLASSES = 5
 
@@ -266,10 +264,5 @@ def test_eight_device_sharded_segmentation_round_matches_single_device():
         print("sharded ok")
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_on_devices(script)
     assert "sharded ok" in result.stdout

@@ -19,10 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_cv.models.backbones import mobilenet_v2_backbone, resnet_backbone
 from fedjax_cv.models.layers import ConvNormAct
-from fedjax_cv.models.mobilenet_v2 import STAGES, MobileNetV2
+from fedjax_cv.models.mobilenet_v2 import STAGES
 from fedjax_cv.models.norm import check_norm
-from fedjax_cv.models.resnet import ResNet
 
 # ASPP rates per output stride: doubling the resolution doubles the rates (Chen et al. 2017).
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
@@ -141,16 +141,7 @@ class DeepLabV3PlusMobileNetV2(DeepLabV3Plus):
     stages: tuple[tuple[int, int, int, int], ...] = STAGES
 
     def build_backbone(self) -> nn.Module:
-        return MobileNetV2(
-            num_classes=self.num_classes,
-            width_multiplier=self.width_multiplier,
-            stages=self.stages,
-            norm=self.norm,
-            output_stride=self.output_stride,
-            return_features=True,
-            head_conv=False,
-            name="backbone",
-        )
+        return mobilenet_v2_backbone(self, output_stride=self.output_stride, head_conv=False)
 
 
 class DeepLabV3PlusResNet(DeepLabV3Plus):
@@ -163,16 +154,7 @@ class DeepLabV3PlusResNet(DeepLabV3Plus):
     width: int = 64
 
     def build_backbone(self) -> nn.Module:
-        return ResNet(
-            num_classes=self.num_classes,
-            stage_sizes=self.stage_sizes,
-            block=self.block,
-            width=self.width,
-            norm=self.norm,
-            output_stride=self.output_stride,
-            return_features=True,
-            name="backbone",
-        )
+        return resnet_backbone(self, output_stride=self.output_stride)
 
 
 DeepLabV3PlusResNet50 = functools.partial(DeepLabV3PlusResNet, stage_sizes=(3, 4, 6, 3))

@@ -17,11 +17,11 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fedjax_cv.models.backbones import mobilenet_v2_backbone, resnet_backbone
 from fedjax_cv.models.deeplab import resize_to
 from fedjax_cv.models.layers import ConvNormAct, conv_kernel_init
-from fedjax_cv.models.mobilenet_v2 import STAGES, MobileNetV2
+from fedjax_cv.models.mobilenet_v2 import STAGES
 from fedjax_cv.models.norm import check_norm
-from fedjax_cv.models.resnet import ResNet
 
 # Encoder strides of the backbone U-Nets, deepest first; the decoder returns to stride 1.
 ENCODER_STRIDES = (32, 16, 8, 4, 2)
@@ -161,15 +161,7 @@ class UNetMobileNetV2(BackboneUNet):
     stages: tuple[tuple[int, int, int, int], ...] = STAGES
 
     def build_backbone(self) -> nn.Module:
-        return MobileNetV2(
-            num_classes=self.num_classes,
-            width_multiplier=self.width_multiplier,
-            stages=self.stages,
-            norm=self.norm,
-            return_features=True,
-            feature_strides=ENCODER_STRIDES,
-            name="backbone",
-        )
+        return mobilenet_v2_backbone(self, feature_strides=ENCODER_STRIDES)
 
 
 class UNetResNet(BackboneUNet):
@@ -182,16 +174,7 @@ class UNetResNet(BackboneUNet):
     width: int = 64
 
     def build_backbone(self) -> nn.Module:
-        return ResNet(
-            num_classes=self.num_classes,
-            stage_sizes=self.stage_sizes,
-            block=self.block,
-            width=self.width,
-            norm=self.norm,
-            return_features=True,
-            feature_strides=ENCODER_STRIDES,
-            name="backbone",
-        )
+        return resnet_backbone(self, feature_strides=ENCODER_STRIDES)
 
 
 UNetResNet50 = functools.partial(UNetResNet, stage_sizes=(3, 4, 6, 3))
