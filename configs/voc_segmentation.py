@@ -21,6 +21,8 @@ Args:
   0.1, 0.5 (default) or 100);
 - `clients=4|8`: clients, all of them in every round (default 4);
 - `head_lr=<float>`: the decoder's learning-rate multiplier, default 10;
+- `lr_schedule=constant|poly|linear`: the learning rate over rounds (FedCV §6.2 compares the
+  three and found decay no help to FedAvg: constant is the default; poly has power 0.9);
 - `runlocal`: 2 rounds at 64x64 with the backbone shrunk (MobileNetV2 width 0.25, ResNet
   width 8), a smoke test; its `weights=` must then come from the same shrunk classifier.
 
@@ -49,7 +51,17 @@ import ml_collections
 
 from fedjax_cv.config_base import base_config, parse_arg, set_rounds, transfer
 
-KNOWN_ARGS = ("runlocal", "model", "mode", "weights", "alpha", "clients", "head_lr")
+KNOWN_ARGS = (
+    "runlocal",
+    "model",
+    "mode",
+    "weights",
+    "alpha",
+    "clients",
+    "head_lr",
+    "lr_schedule",
+)
+SCHEDULES = ("constant", "poly", "linear")
 MODELS = (
     "deeplabv3plus_resnet101",
     "deeplabv3plus_resnet50",
@@ -99,6 +111,9 @@ def get_config(arg=None):
         args.get("alpha", "0.5"), "alpha", "a number > 0 (FedCV: 0.1, 0.5, 100)"
     )
     head_lr = _positive_float(args.get("head_lr", "10"), "head_lr", "a number > 0")
+    schedule = args.get("lr_schedule", "constant")
+    if schedule not in SCHEDULES:
+        raise _bad("lr_schedule", schedule, f"one of {', '.join(SCHEDULES)}")
 
     config = base_config()
     config.seed = 0
@@ -114,6 +129,7 @@ def get_config(arg=None):
     config.algorithm.client.learning_rate = 0.001
     config.algorithm.client.momentum = 0.9
     config.algorithm.client.weight_decay = 5e-4
+    config.algorithm.client.lr_schedule = schedule
 
     config.data.name = "voc_segmentation"
     config.data.train_split = "trainaug"

@@ -57,6 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.algorithm.client.momentum = 0.0
     config.algorithm.client.weight_decay = 0.0
     config.algorithm.client.proximal_mu = 0.0
+    # learning rate over rounds (algorithms/schedules.py): constant | poly | linear, times a
+    # linear warm-up over the first lr_warmup_rounds rounds
+    config.algorithm.client.lr_schedule = "constant"
+    config.algorithm.client.lr_power = 0.9  # poly: (1 - round / num_rounds) ** lr_power
+    config.algorithm.client.lr_warmup_rounds = 0
     config.algorithm.client.importance_weighting = False  # FedIR
     config.algorithm.client.class_prior = ()  # FedIR's p; () = label frequencies of all clients
     # 'regex=multiplier' on parameter names, first match wins, 0 freezes: ("classifier=10",)

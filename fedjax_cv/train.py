@@ -139,6 +139,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     algorithm = build_algorithm(
         config.algorithm,
         task.make_loss_fn(model),
+        num_rounds=config.num_rounds,
         class_prior=_class_prior(config, dataset),
         metric_names=task.metric_names,
         param_rules=param_rules,

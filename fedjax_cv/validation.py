@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from fedjax_cv.algorithms.param_groups import parse_multipliers
-from fedjax_cv.algorithms.registry import check_algorithm_config
+from fedjax_cv.algorithms.registry import check_algorithm_config, lr_schedule
 from fedjax_cv.algorithms.server import AGGREGATIONS, SERVER_OPTIMIZERS
 from fedjax_cv.data.augment import make_augmentation
 from fedjax_cv.data.partition import PARTITIONERS
@@ -123,5 +123,6 @@ def validate_config(config) -> None:
     try:
         check_algorithm_config(algorithm)
         parse_multipliers(algorithm.client.lr_multipliers)
+        lr_schedule(algorithm, config.num_rounds)
     except ValueError as error:
         raise ConfigError(str(error)) from None

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fedjax_cv import algorithms
+from fedjax_cv.algorithms.schedules import round_schedule
 from fedjax_cv.engine import pad_clients
 from tests import linear_problem as lp
 from tests.xla import run_on_devices
@@ -42,9 +43,15 @@ def dropout_cohort():
 
 
 def dropout_rounds(strategy: str, mesh=None, round_keys=(0, 1)) -> dict[str, np.ndarray]:
-    """Two FedAvgM rounds with client momentum on `dropout_cohort`: params and optimizer state."""
+    """Two FedAvgM rounds with client momentum and a linear learning-rate decay on
+    `dropout_cohort`: params and optimizer state."""
     algorithm = algorithms.fedavgm(
-        dropout_loss, 0.1, client_momentum=0.5, strategy=strategy, mesh=mesh
+        dropout_loss,
+        0.1,
+        client_momentum=0.5,
+        lr_schedule=round_schedule("linear", 2),
+        strategy=strategy,
+        mesh=mesh,
     )
     state = algorithm.init(lp.initial_params())
     for r in round_keys:

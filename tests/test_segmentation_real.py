@@ -145,6 +145,15 @@ def test_voc_config_alpha_and_clients(alpha, clients):
     assert config.data.num_clients == config.algorithm.clients_per_round == clients
 
 
+@pytest.mark.parametrize("schedule", ["constant", "poly", "linear"])
+def test_voc_config_learning_rate_schedules(schedule):
+    default = load_config(VOC)
+    assert default.algorithm.client.lr_schedule == "constant"  # FedCV: decay did not help
+    config = load_config(f"{VOC}:lr_schedule={schedule}")
+    validate_config(config)
+    assert config.algorithm.client.lr_schedule == schedule
+
+
 @pytest.mark.parametrize(
     "arg, message",
     [
@@ -157,10 +166,12 @@ def test_voc_config_alpha_and_clients(alpha, clients):
         ("alpha=-0.5", r"^alpha='-0.5' is not allowed"),
         ("alpha=nan", r"^alpha='nan' is not allowed"),
         ("model=unet", r"^model='unet' is not allowed; must be one of deeplabv3plus_resnet101"),
+        ("lr_schedule=cosine", r"^lr_schedule='cosine' is not allowed; must be one of constant"),
         ("epochs=2", r"'epochs' is unknown; known: runlocal, model, mode"),
     ],
 )
 def test_voc_config_refuses_bad_arguments_in_one_line(arg, message):
+    """Each argument refused in one line (issue 9's bad inputs)."""
     with pytest.raises(ValueError, match=message) as error:
         load_config(f"{VOC}:{arg}")
     assert "\n" not in str(error.value)

@@ -59,6 +59,15 @@ def objective_value(
     return value
 
 
+class RoundShared(NamedTuple):
+    """What every client of a round starts from: the server's values, and the factor of the
+    client learning rate this round (None: 1; see `fedjax_cv.algorithms.schedules`)."""
+
+    params: Any
+    model_state: Any
+    lr_factor: jax.Array | None = None
+
+
 @struct.dataclass
 class ClientState:
     params: Any
@@ -105,8 +114,8 @@ def client_program(
     which values the client starts from its own copy of and hands back (FedBN).
     """
 
-    def init(shared, info: ClientInfo, key, own):
-        params, model_state = apply_local(*shared, own)
+    def init(shared: RoundShared, info: ClientInfo, key, own):
+        params, model_state = apply_local(shared.params, shared.model_state, own)
         zero = jnp.zeros((), jnp.float32)
         class_weights = None
         if objective.class_prior is not None:
@@ -123,8 +132,8 @@ def client_program(
             num_trained=zero,
         )
 
-    def step(shared, state: ClientState, batch, mask):
-        server_params, _ = shared
+    def step(shared: RoundShared, state: ClientState, batch, mask):
+        server_params = shared.params
         mask = mask.astype(jnp.float32)
         key = jax.random.fold_in(state.rng, state.steps)
 
@@ -142,6 +151,8 @@ def client_program(
 
         grads, (losses, out) = jax.grad(value, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        if shared.lr_factor is not None:
+            updates = jax.tree.map(lambda u: u * shared.lr_factor, updates)
         return state.replace(
             params=optax.apply_updates(state.params, updates),
             opt_state=opt_state,
@@ -155,8 +166,8 @@ def client_program(
             num_trained=state.num_trained + jnp.sum(mask),
         )
 
-    def final(shared, state: ClientState, info: ClientInfo):
-        server_params, server_model_state = shared
+    def final(shared: RoundShared, state: ClientState, info: ClientInfo):
+        server_params = shared.params
         delta = jax.tree.map(jnp.subtract, state.params, server_params)
         # A client whose loss overflowed has no trustworthy update, even when saturated
         # gradients left its delta finite.

@@ -17,10 +17,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_cv.algorithms import sampling
 from fedjax_cv.algorithms.base import FederatedAlgorithm, PerExampleLoss
-from fedjax_cv.algorithms.client import ClientObjective, client_program
+from fedjax_cv.algorithms.client import ClientObjective, RoundShared, client_program
 from fedjax_cv.algorithms.local_state import FEDBN, NO_LOCAL, ClientLocal, gather, scatter
 from fedjax_cv.algorithms.param_groups import Rule, scale_by_multipliers
 from fedjax_cv.algorithms.sampling import ClientSampler, ExampleSampler
+from fedjax_cv.algorithms.schedules import RoundSchedule
 from fedjax_cv.algorithms.server import (
     aggregation_weight,
     server_init,
@@ -67,6 +68,7 @@ def federated_algorithm(
     example_sampler: ExampleSampler | None = None,
     metric_names: tuple[str, ...] = (),
     lr_multipliers: Sequence[Rule] = (),
+    lr_schedule: RoundSchedule | None = None,
     local: ClientLocal = NO_LOCAL,
     strategy: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
@@ -76,7 +78,9 @@ def federated_algorithm(
     """Composes one federated algorithm from its axes.
 
     `lr_multipliers` scale the client updates by parameter name, 0 freezing (see
-    `fedjax_cv.algorithms.param_groups`). `local` names the values each client keeps across
+    `fedjax_cv.algorithms.param_groups`); `lr_schedule(round)` multiplies them by a factor
+    that changes over rounds, reported as `lr_factor` (see `fedjax_cv.algorithms.schedules`).
+    `local` names the values each client keeps across
     rounds (FedBN; see `fedjax_cv.algorithms.local_state`). `strategy` picks how clients
     execute ('auto', 'vmap', 'sequential', 'host'; see `fedjax_cv.engine.strategies`); with a
     `mesh` the client axis is sharded over its `clients` axis. `unroll` sets how many local
@@ -101,14 +105,21 @@ def federated_algorithm(
     )
     donate_argnums = (0,) if donate else ()
 
+    def shared_values(state) -> RoundShared:
+        factor = None if lr_schedule is None else lr_schedule(state.round)
+        return RoundShared(state.params, state.model_state, factor)
+
     def update(state, total, clients, kept):
+        factor = shared_values(state).lr_factor
         state, metrics = server_update(server_optimizer, state, total)
         store = scatter(state.client_local, clients.client_id, kept, clients.occurrence)
+        if factor is not None:
+            metrics["lr_factor"] = factor
         return state.replace(client_local=store), metrics
 
     def compiled_round(strategy_name, gate_steps):
         def round_fn(state, cohort, rng):
-            shared = (state.params, state.model_state)
+            shared = shared_values(state)
             ids = cohort.clients.client_id
             total, kept = sum_over_clients(
                 program,
@@ -133,7 +144,7 @@ def federated_algorithm(
         def round_fn(state, cohort, rng):
             ids = cohort.clients.client_id
             own = jitted_gather(state.client_local, ids)
-            total, kept = loop((state.params, state.model_state), cohort, rng, own)
+            total, kept = loop(shared_values(state), cohort, rng, own)
             return jitted_update(state, total, cohort.clients, kept)
 
         return round_fn

@@ -18,6 +18,7 @@ from fedjax_cv.algorithms.client import ClientObjective
 from fedjax_cv.algorithms.compose import client_sgd, federated_algorithm
 from fedjax_cv.algorithms.local_state import FEDBN, ClientLocal
 from fedjax_cv.algorithms.param_groups import Rule, parse_multipliers
+from fedjax_cv.algorithms.schedules import RoundSchedule, round_schedule
 from fedjax_cv.algorithms.server import server_optimizer
 
 ALGORITHMS = ("fedavg", "fedavgm", "fedopt", "fedprox", "fedir", "fedvc", "fedbn")
@@ -78,10 +79,22 @@ def client_local(config) -> ClientLocal:
     )
 
 
+def lr_schedule(config, num_rounds: int) -> RoundSchedule | None:
+    """The client learning-rate schedule over rounds that `config.client` names."""
+    client = config.client
+    return round_schedule(
+        client.lr_schedule,
+        max(num_rounds, 1),
+        power=client.lr_power,
+        warmup_rounds=client.lr_warmup_rounds,
+    )
+
+
 def build_algorithm(
     config,
     loss_fn: PerExampleLoss,
     *,
+    num_rounds: int = 1,
     class_prior: np.ndarray | None = None,
     metric_names: tuple[str, ...] = (),
     param_rules: tuple[Rule, ...] = (),
@@ -91,7 +104,8 @@ def build_algorithm(
     """The algorithm `config.algorithm` describes (see the module docstring).
 
     `param_rules` come before the rules of `config.client.lr_multipliers` (a frozen backbone
-    is such a rule, made where the model is known).
+    is such a rule, made where the model is known); `num_rounds` is the length of the run a
+    learning-rate schedule decays over (`config.client.lr_schedule`).
     """
     check_algorithm_config(config)
     rules = tuple(param_rules) + parse_multipliers(config.client.lr_multipliers)
@@ -139,6 +153,7 @@ def build_algorithm(
         example_sampler=example_sampler,
         metric_names=metric_names,
         lr_multipliers=rules,
+        lr_schedule=lr_schedule(config, num_rounds),
         local=client_local(config),
         strategy=config.strategy,
         mesh=mesh,
