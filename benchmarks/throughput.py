@@ -1,12 +1,13 @@
 """Client-examples/s of a federated round, beside centralized training of the same model.
 
-    python benchmarks/throughput.py --out=/tmp/throughput.json [--workloads=T,C,R,S] [--cohorts=10]
+    python benchmarks/throughput.py --out=/tmp/throughput.json [--workloads=T,C,R,S,D] [--cohorts=10]
 
 Workloads (the table `WORKLOADS`; each names its task, model and how to build random examples):
 T logistic and C cnn_emnist on 100 clients x 50 examples of 28x28x1 with 62 classes; R cnn_hsu
 on 32x32x3 with 10 classes; S segmentation with a U-Net of base width 16 on 64x64x3 images and
 uint8 masks of 5 classes with about 10% of pixels 255 (ignored), cohort 4, 20 examples a
-client. Batch 10 and one local epoch throughout. Every federated figure is printed beside
+client; D detection with YOLOv5n (GroupNorm) on 64x64x3 images with 1-8 random boxes of 4
+classes, cohort 4, 20 examples a client. Batch 10 and one local epoch throughout. Every federated figure is printed beside
 centralized SGD of the same model at batch 10 (`centralized_b10_examples_per_s`: for every
 workload, S included, the federated batch size) and at batch = cohort x 10, measured in the same
 run, with the ratios: timings on a shared machine are noisy, ratios much less so: the runners
@@ -68,6 +69,23 @@ def masked_images(
     return make
 
 
+def boxed_images(shape: tuple[int, ...], num_classes: int, max_boxes: int = 8) -> ExampleMaker:
+    """Random images with 1 to `max_boxes` random boxes each (normalised yxyx, padded)."""
+
+    def make(rng, leading):
+        corner = rng.uniform(0.0, 0.7, leading + (max_boxes, 2))
+        size = rng.uniform(0.1, 0.3, leading + (max_boxes, 2))
+        count = rng.integers(1, max_boxes + 1, leading)
+        return {
+            "image": rng.normal(size=leading + shape).astype(np.float32),
+            "boxes": np.concatenate([corner, corner + size], -1).astype(np.float32),
+            "box_labels": rng.integers(0, num_classes, leading + (max_boxes,)).astype(np.int32),
+            "box_mask": np.arange(max_boxes) < count[..., None],
+        }
+
+    return make
+
+
 class Workload(NamedTuple):
     """A model of `model(num_classes, **model_kwargs)` trained on the task `task`."""
 
@@ -96,6 +114,15 @@ WORKLOADS = {
         examples_per_client=20,
         central_steps=2,
         pixels_per_example=64 * 64,
+    ),
+    "D": Workload(
+        "yolov5n",
+        "detection",
+        4,
+        boxed_images((64, 64, 3), 4),
+        (4,),
+        examples_per_client=20,
+        central_steps=2,
     ),
 }
 

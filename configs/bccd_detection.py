@@ -1,14 +1,48 @@
-"""Federated object detection on bccd (data side: partition and inspection).
+"""FedAvg YOLOv5n on BCCD from scratch: federated detection on real annotations.
 
+    python launch/train.py --config=configs/bccd_detection.py --workdir=/tmp/bccd
     python -m fedjax_cv.data.inspect --config=configs/bccd_detection.py --out=/tmp/bccd
 
-4 clients, split by the classes of their images' boxes with the greedy partition of FedCV
-(He et al. 2021, App. 7.1.2); arg `lda,alpha=<float>` uses multi-label LDA instead. Training
-comes with the detection task (YOLO head, mAP@0.5).
+BCCD's 205 train images (blood-cell photos, 640x480, 3 classes) over 4 clients by multi-label
+LDA (alpha 0.5, each image grouped by its rarest class); its 72 test images are the test split.
+FedCV's greedy partition cannot make 4 clients here: the white blood cell shows in 204 of the
+205 images, so its first client takes 204 images and a third would get none (`fedcv` with
+`clients=2` gives that 204/1 split). Inputs: the "detection" augmentation, letterboxed to
+256x256. Args: `alpha=<float>`, `clients=<int>`, `size=<int>` (a multiple of 32), `fedcv`,
+`model=<name>` (another detector, e.g. `yolov5s`), `runlocal` (2 rounds at 64x64, a smoke
+test).
+
+Training (`detection_training`): every round all 4 clients train YOLOv5n (GroupNorm, random
+initialisation) for 2 local epochs of SGD with momentum 0.937 in batches of 8 at 0.08 (YOLOv5's
+0.01 for its batch-summed loss, times 8), warmed up over the first 3 rounds.
 """
 
-from fedjax_cv.config_base import detection_partition
+from fedjax_cv.config_base import (
+    DETECTION_TRAINING_ARGS,
+    detection_partition,
+    detection_training,
+    parse_arg,
+    set_rounds,
+)
 
 
 def get_config(arg=None):
-    return detection_partition("bccd", num_clients=4, clients_per_round=2, arg=arg)
+    config = detection_partition(
+        "bccd",
+        num_clients=4,
+        clients_per_round=4,
+        arg=arg,
+        partition="lda_multilabel",
+        image_size=256,
+        extra_args=DETECTION_TRAINING_ARGS,
+    )
+    args = parse_arg(arg)
+    detection_training(config, args, num_rounds=40, eval_every=5, local_epochs=2)
+    if "runlocal" in args:
+        set_rounds(config, 2, 2)
+        config.algorithm.local_epochs = 1
+        config.algorithm.clients_per_round = min(2, config.data.num_clients)
+        config.data.augmentation.image_size = (64, 64)
+        config.model.kwargs.width_multiple = 0.125
+        config.model.kwargs.depth_multiple = 0.1
+    return config

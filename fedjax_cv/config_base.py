@@ -194,16 +194,75 @@ def transfer(config: ml_collections.ConfigDict, args: dict[str, str]) -> ml_coll
     return config
 
 
+DETECTION_ARGS = ("lda", "fedcv", "alpha", "clients", "size")
+# Arguments of the detection configs that train (see `detection_training`).
+DETECTION_TRAINING_ARGS = ("runlocal", "model")
+# YOLOv5's lr0 = 0.01 applies to a loss that Ultralytics multiplies by the batch size; the task's
+# per-image loss is the mean over the batch, so the same steps take 0.01 x the batch size.
+DETECTION_LR_PER_IMAGE = 0.01
+
+
 def detection_partition(
-    data_name: str, num_clients: int, clients_per_round: int, arg: str | None
+    data_name: str,
+    num_clients: int,
+    clients_per_round: int,
+    arg: str | None,
+    partition: str = "fedcv_detection",
+    image_size: int = 320,
+    extra_args: tuple[str, ...] = (),
 ) -> ml_collections.ConfigDict:
-    """A detection dataset split over clients by its images' box classes: FedCV's greedy
-    partition (He et al. 2021, App. 7.1.2), or with `lda,alpha=<float>` multi-label LDA."""
-    args = parse_arg(arg)
+    """A detection dataset split over clients by its images' box classes, with `partition`
+    (FedCV's greedy partition, He et al. 2021, App. 7.1.2, or multi-label LDA), and the
+    "detection" augmentation (YOLOv5's letterbox, mosaic, HSV, flip, scale) at `image_size`.
+
+    `arg` (see DETECTION_ARGS, plus `extra_args` of the caller): `lda` or `fedcv` picks the
+    partition, `alpha=<float>` LDA's alpha (default 0.5), `clients=<int>` the number of clients,
+    `size=<int>` the letterbox size (a multiple of 32).
+    """
+    args = parse_arg(arg, DETECTION_ARGS + tuple(extra_args))
+    if "lda" in args and "fedcv" in args:
+        raise ValueError("config arguments lda and fedcv exclude each other; give one of them")
+    if "lda" in args:
+        partition = "lda_multilabel"
+    elif "fedcv" in args:
+        partition = "fedcv_detection"
     config = base_config()
     config.data.name = data_name
-    config.data.num_clients = num_clients
-    config.algorithm.clients_per_round = clients_per_round
-    config.data.partition.name = "lda_multilabel" if "lda" in args else "fedcv_detection"
+    config.data.num_clients = int(args.get("clients", num_clients))
+    config.algorithm.clients_per_round = min(clients_per_round, config.data.num_clients)
+    config.data.partition.name = partition
     config.data.partition.alpha = float(args.get("alpha", 0.5))
+    size = int(args.get("size", image_size))
+    del config.data.augmentation  # a preset name in the base config; here the preset with a size
+    config.data.augmentation = ml_collections.ConfigDict(
+        {"name": "detection", "image_size": (size, size)}
+    )
+    return config
+
+
+def detection_training(
+    config: ml_collections.ConfigDict,
+    args: dict[str, str],
+    *,
+    num_rounds: int,
+    eval_every: int,
+    batch_size: int = 8,
+    local_epochs: int = 1,
+    warmup_rounds: int = 3,
+) -> ml_collections.ConfigDict:
+    """FedAvg training of a YOLO detector on a `detection_partition` config, with FedCV's and
+    YOLOv5's settings: `model=<name>` (default `yolov5n`, GroupNorm), client SGD with momentum
+    0.937 at 0.01 x `batch_size` (`DETECTION_LR_PER_IMAGE`: YOLOv5's lr0 for a loss summed over
+    the batch), the rate warmed up linearly over the first `warmup_rounds` rounds, `num_rounds`
+    rounds evaluated and checkpointed every `eval_every`."""
+    config.seed = 0
+    set_rounds(config, num_rounds, eval_every)
+    config.model.name = args.get("model", "yolov5n")
+    config.algorithm.name = "fedavg"
+    config.algorithm.batch_size = batch_size
+    config.algorithm.local_epochs = local_epochs
+    config.algorithm.client.learning_rate = DETECTION_LR_PER_IMAGE * batch_size
+    config.algorithm.client.momentum = 0.937
+    config.algorithm.client.lr_warmup_rounds = warmup_rounds
+    config.eval.batch_size = 24
     return config

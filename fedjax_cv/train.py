@@ -37,7 +37,7 @@ from fedjax_cv.data.registry import build_dataset, partition_params
 from fedjax_cv.engine.strategies import client_mesh
 from fedjax_cv.models import get_model
 from fedjax_cv.models.weights import LoadReport, WeightsError, head_modules, load_pretrained
-from fedjax_cv.tasks import Task, get_task, merge_stats, pictures, task_names
+from fedjax_cv.tasks import Task, get_task, pictures, task_names
 from fedjax_cv.validation import ConfigError, validate_config
 
 _INIT_STREAM, _TRAIN_STREAM = 0, 1
@@ -115,7 +115,11 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     try:
-        task.check_output(output.shape, sample.shape, f"model.name={config.model.name!r}")
+        task.check_output(
+            jax.tree.map(lambda leaf: leaf.shape, output),
+            sample.shape,
+            f"model.name={config.model.name!r}",
+        )
     except ValueError as error:
         raise ConfigError(f"{error} (data.name={config.data.name!r} is {task.name} data)") from None
     variables = model.init(init_key, sample, train=False)
@@ -192,7 +196,9 @@ def evaluation_stats(experiment: Experiment, state) -> dict:
         experiment.dataset.test, experiment.config.eval.batch_size, experiment.eval_transform
     )
     for batch, mask in batches:
-        stats = merge_stats(stats, experiment.eval_fn(state.params, state.model_state, batch, mask))
+        stats = experiment.task.merge(
+            stats, experiment.eval_fn(state.params, state.model_state, batch, mask)
+        )
     return stats
 
 
@@ -215,11 +221,9 @@ def evaluate_and_report(experiment: Experiment, state, workdir: pathlib.Path, co
     (workdir / "eval_details.json").write_text(json.dumps(details, indent=1) + "\n")
     batch, _ = next(test_batches(experiment.dataset.test, NUM_PICTURED, experiment.eval_transform))
     predicted = experiment.predict_fn(state.params, state.model_state, batch["image"])
-    truth = batch[experiment.dataset.label_key]
     figure = task.plot_predictions(
-        batch["image"],
-        truth,
-        np.asarray(predicted),
+        batch,
+        jax.device_get(predicted),
         experiment.dataset.class_names,
         title=f"round {completed}: predicted / true",
     )

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_cv import algorithms
 from fedjax_cv.engine import ClientInfo, Cohort
 from fedjax_cv.tasks import get_task, merge_stats
 from fedjax_cv.tasks.segmentation import confusion_matrix, mean_iou
+from tests import task_rounds
 from tests.xla import run_on_devices
 
 NUM_CLASSES = 5
@@ -192,23 +192,15 @@ def make_cohort(seed=0, num_clients=3, steps=2, batch=2, size=(5, 6)):
 
 
 def run_rounds(cohort, strategy, importance=False, mesh=None):
-    model = PixelLinear()
-    task = get_task("segmentation")
-    params = model.init(jax.random.key(0), cohort.examples["image"][0, 0], train=False)["params"]
-    prior = np.full(NUM_CLASSES, 1.0 / NUM_CLASSES, np.float32)
-    algorithm = algorithms.fedavgm(
-        task.make_loss_fn(model),
-        0.1,
-        server_momentum=0.5,
-        objective=algorithms.ClientObjective(class_prior=prior if importance else None),
-        metric_names=task.metric_names,
-        strategy=strategy,
+    return task_rounds.run_rounds(
+        "segmentation",
+        PixelLinear(),
+        cohort,
+        strategy,
+        NUM_CLASSES,
+        importance=importance,
         mesh=mesh,
     )
-    state = algorithm.init(params)
-    for r in range(2):
-        state, metrics = algorithm.apply(state, cohort, jax.random.key(r))
-    return jax.device_get(state.params), jax.device_get(metrics)
 
 
 @pytest.mark.parametrize("importance", [False, True])
@@ -234,10 +226,7 @@ def test_ignore_pixels_and_padded_examples_change_nothing():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, reference)
 
     # A padded example in a new last step and batch column holds garbage and has mask False.
-    def grow(x, fill):  # one more batch column, then one more step, all `fill`
-        x = np.concatenate([x, np.full_like(x[:, :, :1], fill)], axis=2)
-        return np.concatenate([x, np.full_like(x[:, :1], fill)], axis=1)
-
+    grow = task_rounds.grow
     padded = Cohort(
         {"image": grow(cohort.examples["image"], 7.0), "mask": grow(cohort.examples["mask"], 1)},
         grow(cohort.mask, False),

@@ -12,15 +12,24 @@ Conventions (those of `fedjax_cv.data.sources`, which the pipeline carries):
   transform pushes out of the image is dropped by clearing its mask.
 - mask: uint8 [H, W] of class ids, `IGNORE_LABEL` (255) where no loss applies; it is resized
   by nearest neighbour and filled with the ignore label where a transform invents pixels.
+- letterbox: float32 [5] = (scale, offset_y, offset_x, height, width), added by a letterbox or
+  a mosaic: pixel coordinate p of the original height x width image lands at p * scale +
+  offset (`original_boxes` maps boxes back); it stacks into [B, 5] like any other key.
+
+Detection (the "detection" preset) follows YOLOv5's training inputs: `letterbox_example`,
+`mosaic_example` (whose three other images the pipeline draws from the same client's
+examples), a random scale and shift in the same resampling, `random_hsv`, flips; boxes a cut
+leaves too small are dropped by YOLOv5's `box_candidates` rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from fedjax_cv.data.sources import IGNORE_LABEL
 
@@ -160,14 +169,20 @@ def _resize_axis(array: np.ndarray, size: int, axis: int, nearest: bool) -> np.n
     length = array.shape[axis]
     if length == size:
         return array
-    centres = (np.arange(size) + 0.5) * (length / size)
+    return _sample_axis(array, (np.arange(size) + 0.5) * (length / size), axis, nearest)
+
+
+def _sample_axis(array: np.ndarray, position: np.ndarray, axis: int, nearest: bool) -> np.ndarray:
+    """`array` read along `axis` at continuous coordinates `position` (pixel i spans [i, i + 1)):
+    the pixel holding each position, or bilinear between pixel centres, clamped at the ends."""
+    length = array.shape[axis]
     if nearest:
-        return np.take(array, np.minimum(centres.astype(np.int64), length - 1), axis=axis)
-    source = np.clip(centres - 0.5, 0.0, length - 1)
+        return np.take(array, np.clip(position.astype(np.int64), 0, length - 1), axis=axis)
+    source = np.clip(position - 0.5, 0.0, length - 1)
     lower = source.astype(np.int64)
     upper = np.minimum(lower + 1, length - 1)
     shape = [1] * array.ndim
-    shape[axis] = size
+    shape[axis] = len(position)
     weight = (source - lower).reshape(shape)
     if array.dtype == np.uint8:
         fixed = np.rint(weight * _WEIGHT_ONE).astype(np.uint16)
@@ -348,14 +363,289 @@ def crop_example(example: Example, top: int, left: int, padding: int, mode: str)
     return out
 
 
+# --------------------------------------------------------------------------- detection
+
+LETTERBOX_STRIDE = 32  # letterboxed sides are multiples of the coarsest stride of a YOLO head
+LETTERBOX_FILL = 114  # YOLOv5's grey, for the pixels a letterbox or a mosaic invents
+# YOLOv5's `box_candidates` (utils/augmentations.py), the rule for boxes that a mosaic or the
+# random affine cuts: a box stays when, in output pixels, both its sides exceed MIN_BOX_SIDE,
+# it keeps more than MIN_AREA_FRACTION of its area before the cut (at the new scale), and
+# max(w / h, h / w) < MAX_ASPECT_RATIO.
+MIN_BOX_SIDE = 2.0
+MIN_AREA_FRACTION = 0.1
+MAX_ASPECT_RATIO = 100.0
+_EPS = 1e-16
+# Keys a mosaic builds from its four examples; the others are the anchor example's.
+_MOSAIC_KEYS = ("image", "mask", "boxes", "box_mask", "letterbox")
+
+
+def letterbox_params(shape: tuple[int, ...], size: tuple[int, int]) -> tuple[float, int, int]:
+    """(scale, pad_top, pad_left) that fit an image of `shape` (height, width, ...) into `size`
+    keeping its aspect ratio, centred: YOLOv5's letterbox without `auto` (which pads only to a
+    multiple of the stride). An odd pixel of padding goes to the bottom or the right."""
+    height, width = shape[:2]
+    scale = min(size[0] / height, size[1] / width)
+    top = (size[0] - round(height * scale)) // 2
+    left = (size[1] - round(width * scale)) // 2
+    return scale, top, left
+
+
+def _window(
+    length: int, scale: float, offset: float, source_length: int, low: float, high: float
+) -> tuple[int, int, np.ndarray]:
+    """Output pixels [start, stop) of one axis whose centres show the source (at a source
+    coordinate in [0, source_length)) and lie in [low, high); their source coordinates."""
+    centres = np.arange(length) + 0.5
+    source = (centres - offset) / scale
+    shown = (source >= 0) & (source < source_length) & (centres >= low) & (centres < high)
+    inside = np.flatnonzero(shown)
+    if len(inside) == 0:
+        return 0, 0, source[:0]
+    start, stop = int(inside[0]), int(inside[-1]) + 1
+    return start, stop, source[start:stop]
+
+
+def warp_into(
+    canvas: np.ndarray,
+    image: np.ndarray,
+    scale: float,
+    offset: tuple[float, float],
+    window: tuple[float, float, float, float] | None = None,
+    nearest: bool = False,
+) -> np.ndarray:
+    """Paints `image` [h, w, ...] onto `canvas` [H, W, ...] in place, scaled by `scale` and
+    moved by `offset` (y, x): pixel coordinate p of the image lands at p * scale + offset of
+    the canvas. Only canvas pixels whose centres fall on the image, and inside `window`
+    (y0, x0, y1, x1) when given, change. Bilinear without anti-aliasing (cv2.warpAffine's
+    INTER_LINEAR, which YOLOv5 uses), or nearest neighbour for class-id masks."""
+    height, width = canvas.shape[:2]
+    y0, x0, y1, x1 = (0, 0, height, width) if window is None else window
+    top, bottom, rows = _window(height, scale, offset[0], image.shape[0], y0, y1)
+    left, right, cols = _window(width, scale, offset[1], image.shape[1], x0, x1)
+    if bottom > top and right > left:
+        part = _sample_axis(image, rows, 0, nearest)
+        canvas[top:bottom, left:right] = _sample_axis(part, cols, 1, nearest)
+    return canvas
+
+
+def _pixel_boxes(example: Example, scale: float, offset: tuple[float, float]) -> np.ndarray:
+    """The example's boxes [N, 4] in pixels of its image, moved by p -> p * scale + offset."""
+    height, width = example["image"].shape[:2]
+    boxes = np.asarray(example["boxes"], np.float64).reshape(-1, 4)
+    return boxes * np.array([height, width, height, width]) * scale + np.tile(offset, 2)
+
+
+def _clip_boxes(boxes: np.ndarray, y0: float, x0: float, y1: float, x1: float) -> np.ndarray:
+    return np.clip(boxes, [y0, x0, y0, x0], [y1, x1, y1, x1])
+
+
+def box_candidates(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Which pixel boxes [N, 4] (ymin, xmin, ymax, xmax) a cut leaves worth keeping, by
+    YOLOv5's rule (MIN_BOX_SIDE, MIN_AREA_FRACTION, MAX_ASPECT_RATIO): `before` at the new
+    scale but uncut, `after` cut."""
+    h1, w1 = before[:, 2] - before[:, 0], before[:, 3] - before[:, 1]
+    h2, w2 = after[:, 2] - after[:, 0], after[:, 3] - after[:, 1]
+    aspect = np.maximum(w2 / (h2 + _EPS), h2 / (w2 + _EPS))
+    return (
+        (w2 > MIN_BOX_SIDE)
+        & (h2 > MIN_BOX_SIDE)
+        & (w2 * h2 / (w1 * h1 + _EPS) > MIN_AREA_FRACTION)
+        & (aspect < MAX_ASPECT_RATIO)
+    )
+
+
+def _kept_boxes(
+    before: np.ndarray, box_mask: np.ndarray, size: tuple[int, int], cut_rule: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel boxes clipped to a canvas of `size` and normalised by it, and which stay: those
+    with area left, or with `cut_rule` those `box_candidates` keeps."""
+    after = _clip_boxes(before, 0, 0, size[0], size[1])
+    if cut_rule:
+        keep = box_candidates(before, after)
+    else:
+        keep = (after[:, 2] > after[:, 0]) & (after[:, 3] > after[:, 1])
+    keep &= np.asarray(box_mask, bool)
+    boxes = after / np.array([size[0], size[1], size[0], size[1]])
+    return np.where(keep[:, None], boxes, 0.0).astype(np.float32), keep
+
+
+def letterbox_example(
+    example: Example,
+    size: tuple[int, int],
+    fill: int = LETTERBOX_FILL,
+    scale: float = 1.0,
+    shift: tuple[float, float] = (0.0, 0.0),
+    cut_rule: bool = False,
+) -> Example:
+    """Fits the example into `size` (height, width) keeping its aspect ratio, centred on a
+    canvas of `fill` (YOLOv5's letterbox); then scales it by `scale` about the canvas centre
+    and shifts it by `shift` pixels (YOLOv5's random affine without rotation, shear or
+    perspective; 1 and (0, 0) for evaluation), in one resampling.
+
+    A mask follows by nearest neighbour, the ignore label where invented. Boxes move with the
+    pixels, are clipped to the canvas and dropped when no area is left, or with `cut_rule` by
+    `box_candidates`. `letterbox`, float32 [5] = (scale, offset_y, offset_x, height, width),
+    records the map: pixel coordinate p of the original height x width image lands at
+    p * scale + offset (`original_boxes` inverts it). Flips that follow are not recorded.
+    """
+    fit, top, left = letterbox_params(example["image"].shape, size)
+    centre = (size[0] / 2, size[1] / 2)
+    offset = tuple(
+        (pad - middle) * scale + middle + move
+        for pad, middle, move in zip((top, left), centre, shift, strict=True)
+    )
+    return _placed_example(example, fit * scale, offset, size, fill, cut_rule)
+
+
+def _placed_example(
+    example: Example,
+    scale: float,
+    offset: tuple[float, float],
+    size: tuple[int, int],
+    fill: int,
+    cut_rule: bool,
+) -> Example:
+    out = dict(example)
+    image = example["image"]
+    canvas = np.full(tuple(size) + image.shape[2:], fill, image.dtype)
+    out["image"] = warp_into(canvas, image, scale, offset)
+    if "mask" in example:
+        mask = np.asarray(example["mask"])
+        canvas = np.full(tuple(size), IGNORE_LABEL, mask.dtype)
+        out["mask"] = warp_into(canvas, mask, scale, offset, nearest=True)
+    if "boxes" in example:
+        before = _pixel_boxes(example, scale, offset)
+        out["boxes"], out["box_mask"] = _kept_boxes(before, _box_mask(example), size, cut_rule)
+    height, width = image.shape[:2]
+    out["letterbox"] = np.array([scale, offset[0], offset[1], height, width], np.float32)
+    return out
+
+
+def mosaic_example(
+    examples: Sequence[Example],
+    size: tuple[int, int],
+    centre: tuple[float, float],
+    scale: float = 1.0,
+    shift: tuple[float, float] = (0.0, 0.0),
+    fill: int = LETTERBOX_FILL,
+    per_box_keys: tuple[str, ...] = PER_BOX_KEYS,
+) -> Example:
+    """YOLOv5's 4-image mosaic, in one resampling per image.
+
+    Each of the four examples is fitted into `size` (H, W) keeping its aspect ratio and put on
+    a 2H x 2W canvas of `fill` with one corner at `centre` (y, x): the first above and left of
+    it, the second above and right, the third below and left, the fourth below and right, so
+    that none overlaps another and only the canvas edge cuts them. The output, of `size`, is
+    the canvas scaled by `scale` about its centre and shifted by `shift` pixels: canvas point
+    c lands at (c - (H, W)) * scale + (H / 2, W / 2) + shift.
+
+    Boxes go with their pixels, clipped to the canvas, then to the output, and kept by
+    `box_candidates` (against the canvas-clipped box, as YOLOv5); per-box keys follow their
+    boxes, masks their pixels. Other keys are the first example's. `letterbox` is the
+    identity of the output, (1, 0, 0, H, W): a mosaic has no single original image.
+    """
+    if len(examples) != 4:
+        raise ValueError(f"a mosaic takes 4 examples; got {len(examples)}")
+    height, width = size
+    # Where canvas point (0, 0) lands, and the canvas's extent in the output.
+    base = (height / 2 + shift[0] - height * scale, width / 2 + shift[1] - width * scale)
+    window = (base[0], base[1], base[0] + 2 * height * scale, base[1] + 2 * width * scale)
+    first = examples[0]
+    image = first["image"]
+    out = dict(first)
+    out["image"] = np.full((height, width) + image.shape[2:], fill, image.dtype)
+    if "mask" in first:
+        out["mask"] = np.full((height, width), IGNORE_LABEL, np.asarray(first["mask"]).dtype)
+    boxes, keeps = [], []
+    box_keys = [key for key in per_box_keys if key in first]
+    per_box = {key: [] for key in box_keys}
+    for quadrant, example in enumerate(examples):
+        fit, _, _ = letterbox_params(example["image"].shape, size)
+        extent = np.asarray(example["image"].shape[:2]) * fit
+        corner = (
+            centre[0] - extent[0] if quadrant < 2 else centre[0],
+            centre[1] - extent[1] if quadrant % 2 == 0 else centre[1],
+        )
+        offset = (base[0] + corner[0] * scale, base[1] + corner[1] * scale)
+        warp_into(out["image"], example["image"], fit * scale, offset, window)
+        if "mask" in out:
+            mask = np.asarray(example["mask"])
+            warp_into(out["mask"], mask, fit * scale, offset, window, nearest=True)
+        if "boxes" in first:
+            on_canvas = _clip_boxes(_pixel_boxes(example, fit, corner), 0, 0, 2 * height, 2 * width)
+            before = on_canvas * scale + np.tile(base, 2)
+            moved, keep = _kept_boxes(before, _box_mask(example), size, cut_rule=True)
+            boxes.append(moved)
+            keeps.append(keep)
+            for key in box_keys:
+                per_box[key].append(np.asarray(example[key]))
+    if "boxes" in first:
+        out["boxes"] = np.concatenate(boxes).reshape(-1, 4)
+        out["box_mask"] = np.concatenate(keeps)
+        for key in box_keys:
+            out[key] = np.concatenate(per_box[key])
+    out["letterbox"] = np.array([1.0, 0.0, 0.0, height, width], np.float32)
+    return out
+
+
+def original_boxes(boxes: np.ndarray, letterbox: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pixel (ymin, xmin, ymax, xmax) boxes on the original image of normalised boxes
+    [..., N, 4] of a letterboxed example of `size` (height, width), or a batch of them
+    (`letterbox` [..., 5]): the inverse of the map `letterbox` records, clipped to the
+    original image. float32."""
+    record = np.asarray(letterbox, np.float64)[..., None, :]  # [..., 1, 5]
+    scale, offset_y, offset_x, height, width = (record[..., i] for i in range(5))
+    pixels = np.asarray(boxes, np.float64) * np.array([size[0], size[1], size[0], size[1]])
+    ys = [np.clip((pixels[..., i] - offset_y) / scale, 0, height) for i in (0, 2)]
+    xs = [np.clip((pixels[..., i] - offset_x) / scale, 0, width) for i in (1, 3)]
+    return np.stack([ys[0], xs[0], ys[1], xs[1]], axis=-1).astype(np.float32)
+
+
+def hsv_gains(image: np.ndarray, gains: tuple[float, float, float]) -> np.ndarray:
+    """A uint8 RGB image [H, W, 3] with hue, saturation and value multiplied by `gains`, as
+    YOLOv5's augment_hsv: hue wraps around the colour circle, saturation and value clip at
+    255 (PIL's conversion, hue in 256 steps). A one-channel image is grey: only value applies."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"HSV jitter needs uint8 images; got {image.dtype}")
+    levels = np.arange(256, dtype=np.float64)
+    hue = np.mod(levels * gains[0], 256)
+    saturation, value = (np.clip(levels * gain, 0, 255) for gain in gains[1:])
+    if image.shape[-1] == 1:
+        return value.astype(np.uint8)[image]
+    if image.shape[-1] != 3:
+        raise ValueError(f"HSV jitter needs 1 or 3 channels; got {image.shape[-1]}")
+    lookup = np.stack([hue, saturation, value], axis=-1).astype(np.uint8)  # [256, 3]
+    hsv = np.asarray(Image.fromarray(image, "RGB").convert("HSV"))
+    hsv = np.take_along_axis(lookup, hsv.reshape(-1, 3).astype(np.int64), axis=0)
+    return np.asarray(Image.fromarray(hsv.reshape(image.shape), "HSV").convert("RGB"))
+
+
+def random_hsv(
+    image: np.ndarray, rng: np.random.Generator, gains: tuple[float, float, float]
+) -> np.ndarray:
+    """`hsv_gains` by factors 1 + U(-g, g) for the gains g (h, s, v), as YOLOv5 draws them."""
+    return hsv_gains(image, tuple(rng.uniform(-1.0, 1.0, 3) * np.asarray(gains) + 1.0))
+
+
 # --------------------------------------------------------------------------- configuration
 
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
-    """Which transforms an example goes through, in this order: grayscale to `channels`,
-    resize to `image_size`, random scale, random crop with padding, random flip, boxes padded
-    to `max_boxes`. The default does nothing."""
+    """Which transforms an example goes through, in this order: grayscale to `channels`;
+    geometry: a letterbox or mosaic (below), else resize to `image_size` or random scale;
+    random crop with padding; HSV jitter; random flip; boxes padded to `max_boxes`. The
+    default does nothing.
+
+    With `letterbox` (YOLOv5's input geometry), images fit `image_size` (multiples of 32)
+    keeping their aspect ratio, padded with `fill`, and every example records the map in
+    `letterbox` (see `letterbox_example`). With probability `mosaic` an example instead
+    becomes a 4-image mosaic of itself and three examples drawn from `pool`, the
+    example's client's own examples (see `mosaic_example`; without a pool, itself four
+    times). Either way, a random scale U(scale_range) about the centre and a random shift up
+    to `translate` of the size follow in the same resampling, and boxes cut by them are kept
+    or dropped by YOLOv5's rule (`box_candidates`).
+    """
 
     name: str = "custom"
     image_size: tuple[int, int] | None = None  # (height, width); needed for images of mixed size
@@ -366,6 +656,11 @@ class Augmentation:
     flip: bool = False  # mirror left-right with probability 1/2
     max_boxes: int | None = None  # > 0: pad or truncate boxes to this many, with box_mask
     per_box_keys: tuple[str, ...] = PER_BOX_KEYS
+    letterbox: bool = False  # fit image_size keeping the aspect ratio, pad with `fill`
+    mosaic: float = 0.0  # probability of a 4-image mosaic (needs letterbox)
+    translate: float = 0.0  # letterbox, mosaic: random shift up to this fraction of the size
+    hsv: tuple[float, float, float] | None = None  # gains of HSV jitter (hue, saturation, value)
+    fill: int = LETTERBOX_FILL  # value of the pixels a letterbox or a mosaic invents
 
     def __post_init__(self):
         def bad(field: str, allowed: str):
@@ -386,10 +681,42 @@ class Augmentation:
             raise bad("channels", "None or a positive integer")
         if self.max_boxes is not None and self.max_boxes < 1:
             raise bad("max_boxes", "None or a positive integer")
+        if self.letterbox and self.image_size is None:
+            raise bad("letterbox", "False without image_size=(height, width)")
+        if self.letterbox and any(side % LETTERBOX_STRIDE for side in self.image_size):
+            raise bad(
+                "image_size", f"(height, width) of multiples of {LETTERBOX_STRIDE} with letterbox"
+            )
+        if not _is_number(self.mosaic) or not 0 <= self.mosaic <= 1:
+            raise bad("mosaic", "a probability in [0, 1]")
+        if self.mosaic and not self.letterbox:
+            raise bad("mosaic", "0 without letterbox=True")
+        if not _is_number(self.translate) or not 0 <= self.translate <= 0.5:
+            raise bad("translate", "a number in [0, 0.5]")
+        if self.translate and not self.letterbox:
+            raise bad("translate", "0 without letterbox=True")
+        if self.hsv is not None and (
+            len(self.hsv) != 3 or not all(_is_number(g) and 0 <= g <= 1 for g in self.hsv)
+        ):
+            raise bad("hsv", "None or (hue, saturation, value) gains in [0, 1]")
+        if (
+            isinstance(self.fill, bool)
+            or not isinstance(self.fill, int)
+            or not 0 <= self.fill <= 255
+        ):
+            raise bad("fill", "an integer in [0, 255]")
 
     def deterministic(self) -> Augmentation:
         """The same transforms without the random ones: what evaluation inputs go through."""
-        return dataclasses.replace(self, scale_range=None, crop_padding=0, flip=False)
+        return dataclasses.replace(
+            self,
+            scale_range=None,
+            crop_padding=0,
+            flip=False,
+            mosaic=0.0,
+            translate=0.0,
+            hsv=None,
+        )
 
     @property
     def is_identity(self) -> bool:
@@ -399,13 +726,30 @@ class Augmentation:
     @property
     def is_random(self) -> bool:
         """Whether the transforms draw from a generator (else `rng` may be None)."""
-        return bool(self.scale_range or self.crop_padding or self.flip)
+        return bool(
+            self.scale_range
+            or self.crop_padding
+            or self.flip
+            or self.mosaic
+            or self.translate
+            or self.hsv is not None
+        )
 
-    def __call__(self, example: Example, rng: np.random.Generator | None) -> Example:
-        """Transforms one example dict (image, and optionally mask, boxes, box_mask, ...)."""
+    def __call__(
+        self,
+        example: Example,
+        rng: np.random.Generator | None,
+        pool: Sequence[Example] | None = None,
+    ) -> Example:
+        """Transforms one example dict (image, and optionally mask, boxes, box_mask, ...).
+
+        `pool`: examples a mosaic may draw its three others from (the client's own).
+        """
         if self.channels is not None:
             example = {**example, "image": to_channels(example["image"], self.channels)}
-        if self.scale_range is not None:
+        if self.letterbox:
+            example = self._letterbox(example, rng, pool)
+        elif self.scale_range is not None:
             size = self.image_size or example["image"].shape[:2]
             scaled, top, left = _scaled_placement(rng, size, self.scale_range)
             # Straight from the source to the scaled size: one resampling instead of two,
@@ -416,11 +760,59 @@ class Augmentation:
         if self.crop_padding:
             top, left = _draw_offsets(rng, np.zeros(2, np.int64), 2 * self.crop_padding)
             example = crop_example(example, top, left, self.crop_padding, self.crop_mode)
+        if self.hsv is not None:
+            example = {**example, "image": random_hsv(example["image"], rng, self.hsv)}
         if self.flip and rng.random() < 0.5:
             example = flip_example(example)
         if self.max_boxes is not None and "boxes" in example:
             example = pad_boxes(example, self.max_boxes, self.per_box_keys)
         return example
+
+    def _letterbox(
+        self, example: Example, rng: np.random.Generator | None, pool: Sequence[Example] | None
+    ) -> Example:
+        size = self.image_size
+        if self.mosaic and rng.random() < self.mosaic:
+            picks = rng.integers(0, len(pool), 3) if pool is not None and len(pool) else ()
+            others = [pool[int(i)] for i in picks] or [example] * 3
+            if self.channels is not None:
+                others = [{**o, "image": to_channels(o["image"], self.channels)} for o in others]
+            quadrants = [example, *others]
+            order = rng.permutation(4)  # the example lands in any quadrant
+            centre = tuple(rng.uniform(0.5, 1.5, 2) * size)  # YOLOv5's mosaic_border = -size/2
+            scale, shift = self._random_affine(rng)
+            out = mosaic_example(
+                [quadrants[i] for i in order],
+                size,
+                centre,
+                scale,
+                shift,
+                self.fill,
+                self.per_box_keys,
+            )
+            out.update(
+                {k: v for k, v in example.items() if k not in _MOSAIC_KEYS + self.per_box_keys}
+            )
+            return out
+        scale, shift = self._random_affine(rng)
+        cut = scale != 1.0 or shift != (0.0, 0.0)
+        return letterbox_example(example, size, self.fill, scale, shift, cut_rule=cut)
+
+    def _random_affine(self, rng: np.random.Generator | None) -> tuple[float, tuple[float, float]]:
+        """Scale ~ U(scale_range) and shift ~ U(-translate, translate) * size (YOLOv5's
+        random_perspective with degrees = shear = perspective = 0)."""
+        scale = float(rng.uniform(*self.scale_range)) if self.scale_range else 1.0
+        shift = (0.0, 0.0)
+        if self.translate:
+            shift = tuple(
+                float(v)
+                for v in rng.uniform(-1, 1, 2) * self.translate * np.asarray(self.image_size)
+            )
+        return scale, shift
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 AUGMENTATIONS: dict[str, Augmentation] = {
@@ -434,6 +826,21 @@ AUGMENTATIONS: dict[str, Augmentation] = {
     # scale by U(0.5, 2.0), crop (larger) or pad (smaller; the mask with the ignore label) back
     # to image_size, flip. Set image_size for images of mixed sizes.
     "segmentation": Augmentation("segmentation", scale_range=(0.5, 2.0), flip=True),
+    # YOLOv5's training inputs (hyp.scratch-low.yaml): letterbox to image_size (640 unless
+    # set; multiples of 32) with grey 114, a mosaic of 4 of the client's images every time,
+    # scale U(0.5, 1.5) and shift up to 10% about the centre, HSV gains (0.015, 0.7, 0.4),
+    # left-right flip; boxes padded to 100. Evaluation: the letterbox alone.
+    "detection": Augmentation(
+        "detection",
+        image_size=(640, 640),
+        letterbox=True,
+        mosaic=1.0,
+        scale_range=(0.5, 1.5),
+        translate=0.1,
+        hsv=(0.015, 0.7, 0.4),
+        flip=True,
+        max_boxes=100,
+    ),
 }
 
 

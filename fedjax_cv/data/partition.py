@@ -325,6 +325,11 @@ def fedcv_detection(annotations: Labels, num_clients: int, seed: int) -> list[np
     remaining image that shows the class present in the most remaining images; the last
     client takes what is left, images without boxes included. The rule is deterministic: the
     seed only breaks ties between equally frequent classes.
+
+    Each client takes every image of its class, so the number of clients is bounded by the
+    classes and how they co-occur: on BCCD, whose white blood cell shows in 204 of its 205
+    train images, the first client takes 204 images and a third client gets none. Data of few,
+    ubiquitous classes needs `lda_multilabel` for more clients.
     """
     sets = _label_sets(annotations)
     _check_common(sets, num_clients)
@@ -340,7 +345,8 @@ def fedcv_detection(annotations: Labels, num_clients: int, seed: int) -> list[np
         if counts.max() == 0:
             raise ValueError(
                 f"data.num_clients={num_clients} is too many for fedcv_detection: after "
-                f"{client} clients no remaining image has a box; must be at most {client + 1}"
+                f"{client} clients no remaining image has a box; must be at most {client + 1}, or "
+                "data.partition.name='lda_multilabel'"
             )
         tied = np.flatnonzero(counts == counts.max())
         chosen = tied[rng.integers(len(tied))] if len(tied) > 1 else tied[0]
@@ -351,7 +357,8 @@ def fedcv_detection(annotations: Labels, num_clients: int, seed: int) -> list[np
     if not remaining.any():
         raise ValueError(
             f"data.num_clients={num_clients} is too many for fedcv_detection: the last client "
-            f"would be empty; must be at most {num_clients - 1}"
+            f"would be empty; must be at most {num_clients - 1}, or "
+            "data.partition.name='lda_multilabel'"
         )
     clients.append(np.flatnonzero(remaining))
     return clients

@@ -10,6 +10,10 @@ trains.
 
 Each example's augmentation draws from its own generator, seeded by (seed, round, client,
 occurrence, position), so a cohort never depends on the number of workers or their timing.
+A mosaic draws its three other images from the same generator, out of the same client's
+examples (`ClientExamples`, the client's whole local split, as a client holds it): the
+transform knows every client's example indices, so a mosaic needs nothing from the sampler
+and no other client's data.
 
 Workers are grain's prefetch threads (`ReadOptions.num_threads`), not its processes: grain
 spawns worker processes afresh for every iterator, i.e. every round, and each imports JAX and
@@ -36,6 +40,22 @@ _AUGMENT_STREAM = EXAMPLE_STREAM + 1
 _BUFFERED_BATCHES_PER_WORKER = 4
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClientExamples:
+    """One client's train examples as a random-access sequence of example dicts: the pool a
+    mosaic draws from."""
+
+    train: Mapping[str, Sequence[Any]] = dataclasses.field(repr=False)
+    indices: np.ndarray  # the client's indices into `train`
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        index = int(self.indices[position])
+        return {key: values[index] for key, values in self.train.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class ExampleTransform:
     """grain map over a batch of entries (an `Entry` of arrays): fetch each example of `train`,
@@ -51,6 +71,8 @@ class ExampleTransform:
     augmentation: Augmentation
     seed: int
     round_index: int
+    # Every client's indices into `train` (FederatedDataset.clients): a mosaic's pool.
+    clients: Sequence[np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
     def generator(self, client: int, occurrence: int, position: int) -> np.random.Generator:
         return np.random.default_rng(
@@ -61,7 +83,10 @@ class ExampleTransform:
         """One example, fetched and augmented (not yet normalised)."""
         example = {key: values[index] for key, values in self.train.items()}
         rng = self.generator(client, occurrence, position) if self.augmentation.is_random else None
-        return self.augmentation(example, rng)
+        pool = None
+        if self.augmentation.mosaic and self.clients is not None:
+            pool = ClientExamples(self.train, self.clients[client])
+        return self.augmentation(example, rng, pool)
 
     def __call__(self, entries: Entry) -> dict[str, np.ndarray]:
         if self.augmentation.is_identity and all(
@@ -112,6 +137,7 @@ class GrainCohortBuilder(CohortBuilder):
             augmentation=self.augmentation,
             seed=self.seed,
             round_index=round_index,
+            clients=self.dataset.clients,
         )
 
     def examples(self, round_index: int, entries: Sequence[Entry]) -> grain.MapDataset:

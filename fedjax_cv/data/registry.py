@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import pathlib
 from collections.abc import Callable
 
 import numpy as np
 
+from fedjax_cv.data import augment, shapes, sources
 from fedjax_cv.data import partition as partition_lib
-from fedjax_cv.data import shapes, sources
 from fedjax_cv.data.federated import FederatedDataset
 from fedjax_cv.data.partition import PARTITIONERS, make_partition
 
@@ -113,20 +114,91 @@ def detection_dataset(data_config, seed: int) -> FederatedDataset:
     """Boxes in the coco128 (YOLO txt) or BCCD (PASCAL VOC XML) layout, partitioned by the
     classes of each image's boxes (multi-label partitioners: fedcv_detection, lda_multilabel)."""
     folder, load, train_split, test_split = _DETECTION[data_config.name]
+    params = _checked_partition_params(data_config)
     path = locate(data_config.root, folder)
     cache_dir = data_config.get("cache_dir") or None
     train = load(path, train_split, cache_dir=cache_dir)
     test = load(path, test_split, class_names=train.class_names, cache_dir=cache_dir)
+    return _detection_sources(data_config, seed, train, test, params)
+
+
+def coco_detection_dataset(data_config, seed: int) -> FederatedDataset:
+    """COCO, or any dataset, in the YOLO txt layout of Ultralytics' exports, at `data.root`:
+    `<images_dir>/<split>/<id>.jpg` and `<labels_dir>/<split>/<id>.txt` (defaults "images" and
+    "labels"), splits `data.train_split` (partitioned, default "train2017") and
+    `data.test_split` (default "val2017"). Class names: the `names:` entry of
+    `data.names_file` (a YAML, relative to the root or absolute), or by default the 80 COCO
+    classes."""
+    params = _checked_partition_params(data_config)
+    names_file = data_config.get("names_file", "")
+    class_names = None if names_file else sources.COCO_CLASSES
+    load = functools.partial(
+        sources.yolo_detection,
+        pathlib.Path(data_config.root),
+        images_dir=data_config.get("images_dir", "images"),
+        labels_dir=data_config.get("labels_dir", "labels"),
+        config=names_file,
+        cache_dir=data_config.get("cache_dir") or None,
+    )
+    train = load(data_config.get("train_split", "train2017"), class_names=class_names)
+    test = load(data_config.get("test_split", "val2017"), class_names=train.class_names)
+    return _detection_sources(data_config, seed, train, test, params)
+
+
+def locate_voc_detection(root: str, year: str = "") -> pathlib.Path:
+    """The VOC folder holding Annotations and ImageSets/Main: `root` itself, or
+    `root/VOCdevkit/VOC<year>` (with no year: VOC2012, else VOC2007)."""
+    path = pathlib.Path(root)
+    years = (year,) if year else ("2012", "2007")
+    candidates = [path] + [path / "VOCdevkit" / f"VOC{y}" for y in years]
+    for candidate in candidates:
+        if (candidate / "ImageSets" / "Main").is_dir() and (candidate / "Annotations").is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"data.root={root!r} holds no PASCAL VOC detection data; must be a VOC folder (with "
+        f"Annotations and ImageSets/Main) or a folder holding VOCdevkit/VOC{years[0]}"
+    )
+
+
+def voc_detection_dataset(data_config, seed: int) -> FederatedDataset:
+    """PASCAL VOC detection (`sources.voc_detection`) at `data.root`, a VOC folder or one
+    holding VOCdevkit/VOC<data.year>: splits of ImageSets/Main, `data.train_split`
+    (partitioned, default "trainval") and `data.test_split` (default "test", VOC2007's; VOC2012
+    has "val"). Class names are those of every annotation file, sorted: VOC's 20 classes."""
+    params = _checked_partition_params(data_config)
+    path = locate_voc_detection(data_config.root, str(data_config.get("year", "")))
+    cache_dir = data_config.get("cache_dir") or None
+    train = sources.voc_detection(
+        path, data_config.get("train_split", "trainval"), cache_dir=cache_dir
+    )
+    test = sources.voc_detection(
+        path,
+        data_config.get("test_split", "test"),
+        class_names=train.class_names,
+        cache_dir=cache_dir,
+    )
+    return _detection_sources(data_config, seed, train, test, params)
+
+
+def _detection_sources(
+    data_config,
+    seed: int,
+    train: sources.DetectionSource,
+    test: sources.DetectionSource,
+    params: dict,
+) -> FederatedDataset:
+    """A dataset of two box sources of mixed image sizes, kept as random-access stores (RGB:
+    coco128 has grayscale files), its train split partitioned by its images' box classes."""
     clients = make_partition(
-        data_config.partition.name,
-        train.box_labels,
-        data_config.num_clients,
-        seed,
-        **partition_params(data_config.partition),
+        data_config.partition.name, train.box_labels, data_config.num_clients, seed, **params
     )
 
     def examples(source):
-        return {"image": source.images, "boxes": source.boxes, "box_labels": source.box_labels}
+        return {
+            "image": sources.RGBImages(source.images),
+            "boxes": source.boxes,
+            "box_labels": source.box_labels,
+        }
 
     return FederatedDataset(
         name=data_config.name,
@@ -138,6 +210,86 @@ def detection_dataset(data_config, seed: int) -> FederatedDataset:
         label_key="box_labels",
         task="detection",
     )
+
+
+def shapes_detection_dataset(data_config, seed: int) -> FederatedDataset:
+    """The embedded `shapes` data as boxes: 1 to `data.max_shapes` (default 4) shapes an
+    image, of `data.num_classes` classes, none touching another, each framed by its box
+    (normalised yxyx, tight around its pixels). Partitioned by the classes of each image's
+    boxes (lda_multilabel, fedcv_detection, iid, ...).
+
+    As in `shapes_segmentation_dataset`, the geometry (which does not depend on the styles)
+    is rendered once in a single style to decide the partition, then the images again in
+    their clients' styles; the test split mixes all styles.
+    """
+    num_classes = data_config.num_classes
+    max_shapes = _max_shapes(data_config, default=4)
+    params = _checked_partition_params(data_config)
+    rng = np.random.default_rng([seed, 0xDE7EC7])
+    num_train = data_config.num_train_examples
+    labels = rng.integers(0, num_classes, num_train + data_config.num_test_examples)
+    test_styles = rng.integers(0, data_config.num_clients, len(labels) - num_train)
+    render = dict(
+        seed=seed,
+        image_size=data_config.image_size,
+        num_classes=num_classes,
+        max_shapes=max_shapes,
+        overlap=False,
+    )
+    plain = shapes.render(labels, np.zeros(len(labels), np.int64), **render)
+    _, plain_labels = _shape_boxes(plain)
+    clients = tuple(
+        make_partition(
+            data_config.partition.name,
+            plain_labels[:num_train],
+            data_config.num_clients,
+            seed,
+            **params,
+        )
+    )
+    styles = np.zeros(len(labels), np.int64)
+    for k, members in enumerate(clients):
+        styles[members] = k
+    styles[num_train:] = test_styles
+    styled = shapes.render(labels, styles, **render)
+    boxes, box_labels = _shape_boxes(styled)
+    return FederatedDataset(
+        name=data_config.name,
+        train={
+            "image": styled.images[:num_train],
+            "boxes": boxes[:num_train],
+            "box_labels": box_labels[:num_train],
+        },
+        test={
+            "image": styled.images[num_train:],
+            "boxes": boxes[num_train:],
+            "box_labels": box_labels[num_train:],
+        },
+        clients=clients,
+        num_classes=num_classes,
+        class_names=shapes.SHAPE_NAMES[:num_classes],
+        label_key="box_labels",
+        task="detection",
+    )
+
+
+def _shape_boxes(rendered: shapes.ShapesImages) -> tuple[tuple[np.ndarray, ...], ...]:
+    """Per-image boxes [k, 4] (normalised yxyx) and classes [k] of the shapes drawn."""
+    boxes = augment.xyxy_to_yxyx(rendered.boxes)
+    kept = rendered.box_mask
+    return (
+        tuple(b[m].astype(np.float32) for b, m in zip(boxes, kept, strict=True)),
+        tuple(c[m].astype(np.int32) for c, m in zip(rendered.box_classes, kept, strict=True)),
+    )
+
+
+def _max_shapes(data_config, default: int) -> int:
+    max_shapes = data_config.get("max_shapes", default)
+    if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
+        raise ValueError(
+            f"data.max_shapes={max_shapes!r} is not allowed; must be a positive integer"
+        )
+    return max_shapes
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -170,11 +322,7 @@ def shapes_segmentation_dataset(data_config, seed: int) -> FederatedDataset:
     partition, and the images are rendered again in their clients' styles.
     """
     num_shapes = data_config.num_classes
-    max_shapes = data_config.get("max_shapes", 3)
-    if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
-        raise ValueError(
-            f"data.max_shapes={max_shapes!r} is not allowed; must be a positive integer"
-        )
+    max_shapes = _max_shapes(data_config, default=3)
     params = _checked_partition_params(data_config)
     rng = np.random.default_rng([seed, 0x5E6A5C])
     num_train = data_config.num_train_examples
@@ -295,7 +443,10 @@ def voc_segmentation_dataset(data_config, seed: int) -> FederatedDataset:
 DATASETS: dict[str, DatasetBuilder] = {
     "coco128": detection_dataset,
     "bccd": detection_dataset,
+    "coco_detection": coco_detection_dataset,
+    "voc_detection": voc_detection_dataset,
     "shapes": shapes_dataset,
+    "shapes_detection": shapes_detection_dataset,
     "shapes_segmentation": shapes_segmentation_dataset,
     "coco128_segmentation": coco128_segmentation_dataset,
     "voc_segmentation": voc_segmentation_dataset,

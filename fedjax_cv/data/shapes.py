@@ -14,6 +14,9 @@ import dataclasses
 import numpy as np
 
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "diamond", "ring")
+# Farthest pixel of any shape from its centre, in radii: the triangle's base corners.
+_REACH = 1.25
+_PLACEMENT_TRIES = 20  # random centres tried for a shape that must not touch the others
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,22 @@ def _shape_masks(kind, cx, cy, r, yy, xx):
     return masks[kind, np.arange(len(kind))]
 
 
+def _clear_centres(rng, r, size, placed):
+    """Centres (cx, cy) [N] for shapes of radii r [N] clear of the `placed` ones, and whether
+    each image found one within `_PLACEMENT_TRIES` tries."""
+    n = len(r)
+    low, high = r[:, None], size - r[:, None]
+    cx = rng.uniform(low, high, (n, _PLACEMENT_TRIES))
+    cy = rng.uniform(low, high, (n, _PLACEMENT_TRIES))
+    clear = np.ones((n, _PLACEMENT_TRIES), bool)
+    for px, py, pr, present in placed:
+        gap = np.hypot(cx - px[:, None], cy - py[:, None]) - _REACH * (r + pr)[:, None]
+        clear &= (gap >= 1.0) | ~present[:, None]
+    first = np.argmax(clear, axis=1)
+    rows = np.arange(n)
+    return cx[rows, first], cy[rows, first], clear.any(axis=1)
+
+
 def render(
     labels: np.ndarray,
     style_ids: np.ndarray,
@@ -79,9 +98,16 @@ def render(
     image_size: int = 28,
     num_classes: int = 4,
     max_shapes: int = 1,
+    overlap: bool = True,
 ) -> ShapesImages:
     """Renders one image per label: the label's shape first, then up to `max_shapes - 1`
-    extra shapes of random classes. `style_ids[i]` picks image i's style."""
+    extra shapes of random classes. `style_ids[i]` picks image i's style.
+
+    With `overlap=False` no shape touches another (for boxes that each frame one whole
+    shape): a shape goes to the first of `_PLACEMENT_TRIES` random centres at least a pixel
+    clear of the shapes before it, and is left out, with the slots after it, when none is.
+    The default draws exactly the random numbers it always has, so existing data is unchanged.
+    """
     labels = np.asarray(labels, np.int32)
     style_ids = np.asarray(style_ids)
     if not 1 <= num_classes <= len(SHAPE_NAMES):
@@ -104,6 +130,7 @@ def render(
     boxes = np.zeros((n, max_shapes, 4), np.float32)
     box_classes = np.zeros((n, max_shapes), np.int32)
     count = np.ones(n, np.int64) if max_shapes == 1 else rng.integers(1, max_shapes + 1, n)
+    placed = []  # (cx, cy, r, present) of the slots before
     for slot in range(max_shapes):
         kind = labels if slot == 0 else rng.integers(0, num_classes, n).astype(np.int32)
         r = (
@@ -111,8 +138,12 @@ def render(
             if max_shapes == 1
             else rng.uniform(0.1, 0.25, n) * size
         )
-        cx = rng.uniform(r, size - r)
-        cy = rng.uniform(r, size - r)
+        if overlap:
+            cx = rng.uniform(r, size - r)
+            cy = rng.uniform(r, size - r)
+        else:
+            cx, cy, clear = _clear_centres(rng, r, size, placed)
+            count = np.where((count > slot) & ~clear, slot, count)
         colour = palettes[np.arange(n), rng.integers(0, 3, n)] + rng.normal(0, 12, (n, 3))
         present = count > slot
         shape = _shape_masks(kind, cx, cy, r, yy, xx) & present[:, None, None]
@@ -127,6 +158,7 @@ def render(
         boxes[:, slot] = np.where(has[:, None], np.stack([x0, y0, x1, y1], 1) / size, 0.0)
         box_classes[:, slot] = kind
         count = np.where(present & ~has, slot, count)  # a shape too small to draw is absent
+        placed.append((cx, cy, r, count > slot))
     images = images + rng.normal(0, 1, images.shape) * noise[:, None, None, None]
     box_mask = np.arange(max_shapes)[None] < count[:, None]
     return ShapesImages(

@@ -25,6 +25,7 @@ import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
+from xml.parsers import expat
 
 import numpy as np
 from PIL import Image
@@ -313,6 +314,92 @@ def _open_classification(
 # --------------------------------------------------------------------------- YOLO boxes
 
 
+# The 80 classes of COCO detection in the order of YOLO exports (ids 0-79), for YOLO-layout
+# COCO folders without a names file.
+COCO_CLASSES = (
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
+)
+
+
 def yolo_detection(
     root: PathLike,
     split: str,
@@ -444,13 +531,25 @@ def voc_detection(
             if name not in class_ids:
                 raise ValueError(
                     f"{path}: object {number} has class {name!r}; must be one of "
-                    f"{list(class_names)}"
+                    f"{list(class_names)} (line {_object_line(path, number)})"
+                )
+            box = (xmin, ymin, xmax, ymax)
+            inverted = [
+                f"{axis}max < {axis}min"
+                for axis, lo, hi in (("x", *box[::2]), ("y", *box[1::2]))
+                if hi < lo
+            ]
+            if inverted:
+                raise ValueError(
+                    f"{path}: object {number} box (xmin, ymin, xmax, ymax) = {box} has "
+                    f"{' and '.join(inverted)}, so it lies outside any image; must satisfy "
+                    f"min <= max (line {_object_line(path, number)})"
                 )
             if not (0 <= xmin <= xmax <= width and 0 <= ymin <= ymax <= height):
                 raise ValueError(
-                    f"{path}: object {number} box (xmin, ymin, xmax, ymax) = "
-                    f"{(xmin, ymin, xmax, ymax)} lies outside the {width}x{height} image; must "
-                    "satisfy 0 <= min <= max <= size"
+                    f"{path}: object {number} box (xmin, ymin, xmax, ymax) = {box} lies outside "
+                    f"the {width}x{height} image; must satisfy 0 <= min <= max <= size (line "
+                    f"{_object_line(path, number)})"
                 )
             image_boxes.append(
                 ((ymin - 1) / height, (xmin - 1) / width, (ymax - 1) / height, (xmax - 1) / width)
@@ -475,7 +574,7 @@ def _read_voc_xml(path: Path) -> list[tuple[str, float, float, float, float, boo
         raise FileNotFoundError(f"{path}: annotation file is missing")
     try:
         tree = ElementTree.parse(path)
-    except ElementTree.ParseError as error:
+    except ElementTree.ParseError as error:  # its message names the line and column
         raise ValueError(f"{path}: not valid XML ({error})") from None
     objects = []
     for number, obj in enumerate(tree.getroot().iter("object")):
@@ -486,11 +585,26 @@ def _read_voc_xml(path: Path) -> list[tuple[str, float, float, float, float, boo
         except (AttributeError, TypeError, ValueError):
             raise ValueError(
                 f"{path}: object {number} lacks a name or a numeric bndbox "
-                "xmin/ymin/xmax/ymax; must have both"
+                f"xmin/ymin/xmax/ymax; must have both (line {_object_line(path, number)})"
             ) from None
         hard = obj.find("difficult")
         objects.append((name, *coords, hard is not None and (hard.text or "").strip() == "1"))
     return objects
+
+
+def _object_line(path: Path, number: int) -> int | str:
+    """The line of the `number`-th <object> element of a VOC XML file, for messages (ElementTree
+    keeps no line numbers; expat, which it parses with, does)."""
+    lines = []
+    parser = expat.ParserCreate()
+    parser.StartElementHandler = lambda tag, attributes: (
+        lines.append(parser.CurrentLineNumber) if tag == "object" else None
+    )
+    try:
+        parser.Parse(path.read_bytes(), True)
+    except expat.ExpatError:
+        pass
+    return lines[number] if number < len(lines) else "?"
 
 
 def _voc_image_file(image_dir: Path, image_id: str) -> str:

@@ -24,6 +24,18 @@ from fedjax_cv.models.unet import (
     UNetResNet101,
 )
 from fedjax_cv.models.vit import ViT, ViTB16, ViTL16, ViTS16, ViTTi16, resize_position_embedding
+from fedjax_cv.models.yolo import (
+    DETECTORS,
+    YOLO,
+    YOLOv3,
+    YOLOv5,
+    YOLOv5l,
+    YOLOv5m,
+    YOLOv5n,
+    YOLOv5s,
+    YOLOv5x,
+    detection_geometry,
+)
 
 register_model("logistic", Logistic)
 register_model("cnn_hsu", CNNHsu)
@@ -50,6 +62,9 @@ register_model("unet", UNet)
 register_model("unet_mobilenet_v2", UNetMobileNetV2)
 register_model("unet_resnet50", UNetResNet50)
 register_model("unet_resnet101", UNetResNet101)
+for _name, _factory in DETECTORS.items():
+    register_model(_name, _factory)
+del _name, _factory
 
 __all__ = [
     "NORMS",
@@ -89,6 +104,15 @@ __all__ = [
     "UNetResNet",
     "UNetResNet50",
     "UNetResNet101",
+    "YOLO",
+    "YOLOv3",
+    "YOLOv5",
+    "YOLOv5n",
+    "YOLOv5s",
+    "YOLOv5m",
+    "YOLOv5l",
+    "YOLOv5x",
+    "detection_geometry",
     "ModelReport",
     "count_params",
     "model_report",

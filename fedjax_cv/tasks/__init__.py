@@ -23,34 +23,6 @@ from fedjax_cv.algorithms.base import PerExampleLoss
 EvalFn = Callable[[Any, Any, dict, jax.Array], dict[str, jax.Array]]
 
 
-class Task(NamedTuple):
-    """One task's plug-in (see the module docstring).
-
-    - `make_loss_fn(model) -> PerExampleLoss` (train mode; accepts FedIR's `class_weights`);
-    - `metric_names`: the per-example training metrics that loss reports (`train/<name>`);
-    - `make_eval_fn(model) -> EvalFn`, jit-compiled, eval mode, padded examples excluded by
-      `mask`;
-    - `finalize(stats) -> {name: float}` from the summed statistics (`eval/<name>`);
-    - `headline`: the eval metric a progress bar and a summary show first;
-    - `check_output(output_shape, input_shape, field)`: raises ValueError naming `field` when
-      a model's output does not fit the task (a classifier on masks, or the reverse);
-    - `details(stats, class_names) -> dict`: per-class numbers written beside metrics.jsonl;
-    - `plot_predictions(images, truth, predicted, class_names, title) -> Figure`, with
-      `predict(model) -> fn(params, model_state, images) -> predictions` for it.
-    """
-
-    name: str
-    make_loss_fn: Callable[[Any], PerExampleLoss]
-    metric_names: tuple[str, ...]
-    make_eval_fn: Callable[[Any], EvalFn]
-    finalize: Callable[[dict], dict[str, float]]
-    headline: str
-    check_output: Callable[[Sequence[int], Sequence[int], str], None]
-    details: Callable[[dict, Sequence[str]], dict]
-    predict: Callable[[Any], Callable]
-    plot_predictions: Callable[..., Any]
-
-
 def merge_stats(total: dict | None, stats: dict) -> dict:
     """Adds a batch's statistics to a running total on the host (float64 / int64 sums)."""
 
@@ -62,6 +34,39 @@ def merge_stats(total: dict | None, stats: dict) -> dict:
     if total is None:
         return stats
     return jax.tree.map(np.add, total, stats)
+
+
+class Task(NamedTuple):
+    """One task's plug-in (see the module docstring).
+
+    - `make_loss_fn(model) -> PerExampleLoss` (train mode; accepts FedIR's `class_weights`);
+    - `metric_names`: the per-example training metrics that loss reports (`train/<name>`);
+    - `make_eval_fn(model) -> EvalFn`, jit-compiled, eval mode, padded examples excluded by
+      `mask`;
+    - `finalize(stats) -> {name: float}` from the summed statistics (`eval/<name>`);
+    - `headline`: the eval metric a progress bar and a summary show first;
+    - `check_output(output_shapes, input_shape, field)`: raises ValueError naming `field` when
+      a model's output (the shape of each output array, as a pytree of shape tuples) does not
+      fit the task (a classifier on masks, or the reverse);
+    - `details(stats, class_names) -> dict`: per-class numbers written beside metrics.jsonl;
+    - `plot_predictions(batch, predicted, class_names, title) -> Figure` of a test batch
+      (images and their labels) and `predict(model) -> fn(params, model_state, images)`'s
+      predictions for it;
+    - `merge(total, stats) -> total`: adds a batch's statistics to the running total on the
+      host (`merge_stats`: sums; detection keeps each image's detections for mAP).
+    """
+
+    name: str
+    make_loss_fn: Callable[[Any], PerExampleLoss]
+    metric_names: tuple[str, ...]
+    make_eval_fn: Callable[[Any], EvalFn]
+    finalize: Callable[[dict], dict[str, float]]
+    headline: str
+    check_output: Callable[[Any, Sequence[int], str], None]
+    details: Callable[[dict, Sequence[str]], dict]
+    predict: Callable[[Any], Callable]
+    plot_predictions: Callable[..., Any]
+    merge: Callable[[Any, dict], Any] = merge_stats
 
 
 def argmax_predictions(model):
@@ -90,9 +95,13 @@ def make_centralized_step(task: Task, model, optimizer: optax.GradientTransforma
 
 
 def _registry() -> dict[str, Task]:
-    from fedjax_cv.tasks import classification, segmentation
+    from fedjax_cv.tasks import classification, detection, segmentation
 
-    return {"classification": classification.TASK, "segmentation": segmentation.TASK}
+    return {
+        "classification": classification.TASK,
+        "detection": detection.TASK,
+        "segmentation": segmentation.TASK,
+    }
 
 
 def task_names() -> list[str]:

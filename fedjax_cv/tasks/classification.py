@@ -57,8 +57,8 @@ def finalize(stats: dict) -> dict[str, float]:
     return {"accuracy": float(stats["accuracy"]) / count, "loss": float(stats["loss"]) / count}
 
 
-def check_output(output_shape: Sequence[int], input_shape: Sequence[int], field: str) -> None:
-    if len(output_shape) != 2:
+def check_output(output_shape, input_shape: Sequence[int], field: str) -> None:
+    if len(output_shape) != 2 or not all(isinstance(n, int) for n in output_shape):
         raise ValueError(
             f"{field} outputs {tuple(output_shape)} for images {tuple(input_shape)}; "
             "classification needs one logit vector an image [batch, classes]: pick a "
@@ -71,8 +71,9 @@ def details(stats: dict, class_names: Sequence[str]) -> dict:
     return {"num_examples": int(stats["count"])}
 
 
-def plot_predictions(images, truth, predicted, class_names, title=""):
+def plot_predictions(batch, predicted, class_names, title=""):
     """A grid of test images titled 'predicted / true', red where they differ."""
+    images, truth = batch["image"], batch["label"]
     names = lambda ids: [class_names[i] if i < len(class_names) else str(i) for i in ids]
     captions = [
         (f"{p} / {t}", "black" if p == t else "red")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 IGNORE_COLOUR = (1.0, 1.0, 1.0)  # where a mask has no label
 
@@ -46,9 +47,11 @@ def image_grid(
     columns: int,
     title: str = "",
     panel_size: float = 1.8,
+    boxes: Sequence[Sequence[tuple[np.ndarray, Sequence[float], str]]] | None = None,
 ) -> Figure:
     """Panels (RGB floats in [0, 1] or single-channel) in rows of `columns`, each with a
-    (caption, colour) below it."""
+    (caption, colour) below it; `boxes` adds, per panel, (x1, y1, x2, y2 in pixels, colour,
+    label) rectangles drawn over it."""
     rows = -(-len(panels) // columns)
     figure = Figure(figsize=(panel_size * columns, (panel_size + 0.3) * rows + 0.4))
     FigureCanvasAgg(figure)
@@ -59,6 +62,20 @@ def image_grid(
             axes.imshow(panel[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         else:
             axes.imshow(panel, interpolation="nearest")
+        for box, box_colour, label in boxes[index] if boxes else ():
+            x1, y1, x2, y2 = (float(v) for v in box)
+            axes.add_patch(
+                Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=box_colour, lw=1)
+            )
+            axes.text(
+                x1,
+                y1,
+                label,
+                color="white",
+                fontsize=5,
+                va="bottom",
+                bbox={"facecolor": box_colour, "pad": 0.5, "lw": 0},
+            )
         axes.set_xticks([])
         axes.set_yticks([])
         axes.set_xlabel(caption, color=colour, fontsize=8)

@@ -170,9 +170,13 @@ def details(stats: dict, class_names: Sequence[str]) -> dict:
     }
 
 
-def check_output(output_shape: Sequence[int], input_shape: Sequence[int], field: str) -> None:
+def check_output(output_shape, input_shape: Sequence[int], field: str) -> None:
     output_shape, input_shape = tuple(output_shape), tuple(input_shape)
-    if len(output_shape) != 4 or output_shape[1:3] != input_shape[1:3]:
+    if (
+        len(output_shape) != 4
+        or not all(isinstance(n, int) for n in output_shape)
+        or output_shape[1:3] != input_shape[1:3]
+    ):
         raise ValueError(
             f"{field} outputs {output_shape} for images {input_shape}; segmentation needs "
             "per-pixel logits [batch, height, width, classes] at the input size: pick a "
@@ -180,8 +184,9 @@ def check_output(output_shape: Sequence[int], input_shape: Sequence[int], field:
         )
 
 
-def plot_predictions(images, truth, predicted, class_names, title=""):
+def plot_predictions(batch, predicted, class_names, title=""):
     """One row an image: the image, the true mask, the predicted mask (its pixel accuracy)."""
+    images, truth = batch["image"], batch["mask"]
     num_classes = max(len(class_names), int(np.max(predicted)) + 1)
     panels, captions = [], []
     for image, true_mask, predicted_mask in zip(images, truth, predicted, strict=True):
