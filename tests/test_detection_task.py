@@ -17,7 +17,10 @@ from fedjax_cv.engine import ClientInfo, Cohort
 from fedjax_cv.models.yolo import ANCHORS
 from fedjax_cv.tasks import get_task
 from fedjax_cv.tasks.coco_eval import coco_map
+from fedjax_cv.train import train_and_evaluate
+from fedjax_cv.validation import ConfigError
 from tests import task_rounds
+from tests.configs_loader import load_config, override
 from tests.xla import run_on_devices
 
 NUM_CLASSES = 3
@@ -272,3 +275,37 @@ def test_the_loss_falls_when_the_tiny_detector_trains_on_one_cohort():
     # the bar is that every round goes downhill and six of them cut the loss by a tenth.
     assert (np.diff(losses) < 0).all(), losses
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            lambda: override(
+                load_config("configs/shapes_detection.py:runlocal"), {"model.name": "cnn_emnist"}
+            ),
+            r"detection needs per-level maps .* pick a detection model \(yolov5n",
+        ),
+        (
+            lambda: override(
+                load_config("configs/shapes_fedavg.py:runlocal"),
+                {"model.name": "yolov5n", "data.image_size": 32},
+            ),
+            "classification needs one logit vector an image",
+        ),
+        (
+            lambda: override(
+                load_config("configs/shapes_detection.py:runlocal"), {"data.image_size": 48}
+            ),
+            "multiple of 32",
+        ),
+    ],
+)
+def test_a_model_of_another_task_or_a_bad_size_fails_before_anything_is_written(
+    tmp_path, config, message
+):
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message) as error:
+        train_and_evaluate(config(), str(workdir))
+    assert "\n" not in str(error.value)
+    assert not workdir.exists()
