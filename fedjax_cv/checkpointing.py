@@ -3,14 +3,29 @@
 The whole run state is the server state (params, optimizer state, model state, round): the
 root key derives from the seed and every cohort from (seed, round), so a restored round
 number puts the samplers and the input pipeline back where they were. orbax writes each
-checkpoint to a temporary folder and renames it when complete; an unfinished one is ignored.
+checkpoint to a temporary folder and renames it when complete; an unfinished one is ignored
+and removed by the next run.
+
+Each checkpoint carries a record in orbax's step metadata (`custom_metadata`, written with the
+step): the SHA-256 of the whole state and the fingerprint of the config that made it. A restore
+is verified against it (`restore_verified`): orbax reads it, the tree matches, every value is
+finite and the digest is equal; a checkpoint that fails any check is `Damaged`, and the run
+moves it to `checkpoints_set_aside/` and falls back to the one before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
+import logging
+import os
 import pathlib
+import re
+import shutil
+import sys
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -50,16 +65,24 @@ def fingerprint(config) -> dict[str, object]:
 
 def config_difference(saved: dict, current: dict) -> str | None:
     """The first key whose value differs, as a sentence, or None."""
-    saved_fp, current_fp = fingerprint(saved), fingerprint(current)
+    return fingerprint_difference(
+        fingerprint(saved), fingerprint(current), "the workdir's config.json"
+    )
+
+
+def fingerprint_difference(saved_fp: dict, current_fp: dict, where: str) -> str | None:
+    """The first key whose value differs between two fingerprints, as a sentence, or None."""
     for key in sorted(set(saved_fp) | set(current_fp)):
         old, new = saved_fp.get(key, "<absent>"), current_fp.get(key, "<absent>")
         if _normal(old) != _normal(new):
-            return f"{key}={new!r} differs from {old!r} in the workdir's config.json"
+            return f"{key}={new!r} differs from {old!r} in {where}"
     return None
 
 
 def _normal(value):
-    return list(value) if isinstance(value, tuple) else value
+    if isinstance(value, tuple | list):
+        return [_normal(v) for v in value]
+    return value
 
 
 def _leaf_specs(tree) -> dict[str, tuple]:
@@ -91,24 +114,302 @@ def state_difference(manager: ocp.CheckpointManager, step: int, state) -> str | 
 
 
 def manager(workdir: pathlib.Path, keep: int) -> ocp.CheckpointManager:
+    """The workdir's orbax CheckpointManager (creates `checkpoints/`)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(
-        workdir / "checkpoints", options=options, item_handlers=ocp.StandardCheckpointHandler()
-    )
+    with _quiet_orbax():  # its warnings about a damaged step: restore_verified says why, once
+        return ocp.CheckpointManager(
+            workdir / "checkpoints", options=options, item_handlers=ocp.StandardCheckpointHandler()
+        )
+
+
+def steps(workdir: pathlib.Path) -> list[int]:
+    """The rounds of the finished (renamed) checkpoint folders, oldest first; creates nothing."""
+    root = workdir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def latest_step(workdir: pathlib.Path) -> int | None:
     """The newest finished checkpoint's round, without creating anything."""
+    found = steps(workdir)
+    return found[-1] if found else None
+
+
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def remove_unfinished(workdir: pathlib.Path) -> None:
+    """Removes the temporary folders of saves that never finished (a kill, a failed write)."""
     root = workdir / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
-    return max(steps) if steps else None
+    if root.is_dir():
+        for path in root.iterdir():
+            if TMP_MARK in path.name:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def read_saved_config(workdir: pathlib.Path) -> dict | None:
+    """The workdir's config.json (None when absent); ValueError naming the file when it is not
+    a JSON object."""
     path = workdir / "config.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_bytes())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({_first_line(error)})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not valid JSON (holds a {type(saved).__name__}, not a config)")
+    return saved
+
+
+class Damaged(Exception):
+    """A checkpoint that does not hold what was saved; the message says why."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved (one line naming the step, the folder and the cause)."""
+
+
+def state_sha256(state) -> str:
+    """SHA-256 of every leaf of `state` (names, dtypes, shapes and bytes, in tree order)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]:
+        array = np.ascontiguousarray(leaf)
+        digest.update(f"{key_name(path, sep='.')}:{_spec(array.shape, array.dtype)}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _json_fingerprint(config) -> dict:
+    """`fingerprint(config)` through JSON, as a checkpoint's record reads it back."""
+    return json.loads(json.dumps(fingerprint(config), default=str))
+
+
+def record(state, config) -> dict:
+    """What a checkpoint carries beside its arrays: the state's digest and the config's
+    fingerprint."""
+    return {"fedjax_cv": {"state_sha256": state_sha256(state), "config": _json_fingerprint(config)}}
+
+
+def _orbax_leftover(unraisable) -> bool:
+    """An exception of orbax's asyncio work stranded by a failed read or write: a tensorstore
+    callback meeting the closed event loop, or an orbax coroutine that failed unawaited."""
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == (
+        "Event loop is closed"
+    ):
+        return True
+    code = getattr(unraisable.object, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
+def _drop_orbax_leftovers(unraisable) -> None:
+    if not _orbax_leftover(unraisable):
+        _previous_unraisablehook(unraisable)
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax logs a failed save with tracebacks from its threads, and its stranded asyncio
+    work prints more later (sys.unraisablehook); the caller says what failed in one line
+    instead."""
+    global _previous_unraisablehook
+    if sys.unraisablehook is not _drop_orbax_leftovers:  # installed once, for the process
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _drop_orbax_leftovers
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state,
+    config,
+    *,
+    in_flight: Callable[[], None] | None = None,
+) -> None:
+    """Saves checkpoint `step` with its record and waits until it is finished; on failure
+    removes the unfinished folder and raises CheckpointError."""
+    root = pathlib.Path(manager.directory)
+    try:
+        with _quiet_orbax():
+            manager.save(
+                step, args=ocp.args.StandardSave(state), custom_metadata=record(state, config)
+            )
+            if in_flight is not None:
+                in_flight()
+            manager.wait_until_finished()
+        if (root / str(step)).is_dir():
+            _write_file_digests(root / str(step))
+    except Exception as error:  # any failure of a save is said in one line
+        remove_unfinished(root.parent)
+        if (root / str(step)).exists():  # renamed, but not all of it written
+            set_aside(root.parent, step)
+        raise CheckpointError(
+            f"cannot save checkpoint {step} in {root}: {_root_cause(error)}"
+        ) from error
+    if not (root / str(step)).is_dir():  # orbax skips a step it considers already saved
+        raise CheckpointError(f"cannot save checkpoint {step} in {root}: orbax did not write it")
+
+
+FILES_RECORD = "fedjax_cv_files.json"
+
+
+def _file_digests(folder: pathlib.Path) -> dict[str, str]:
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != FILES_RECORD
+    }
+
+
+def _write_file_digests(folder: pathlib.Path) -> None:
+    """The SHA-256 of every file of a finished checkpoint, beside them: a damaged file is then
+    found before orbax reads it. (A kill before it is written leaves a checkpoint that the
+    state digest in its metadata still verifies.)"""
+    temporary = folder / (FILES_RECORD + ".tmp")
+    temporary.write_text(json.dumps(_file_digests(folder), indent=0) + "\n")
+    temporary.replace(folder / FILES_RECORD)
+
+
+def _check_files(folder: pathlib.Path) -> None:
+    """Damaged when a file of the checkpoint is missing or differs from its saved SHA-256."""
+    record_path = folder / FILES_RECORD
+    if not record_path.exists():
+        return
+    try:
+        saved = json.loads(record_path.read_bytes())
+        assert isinstance(saved, dict)
+    except (ValueError, AssertionError):
+        raise Damaged(f"its {FILES_RECORD} is not valid JSON") from None
+    for name, digest in saved.items():
+        path = folder / name
+        if not path.is_file():
+            raise Damaged(f"its file {name} is missing")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise Damaged(f"its file {name} differs from the SHA-256 saved with it")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+def _brief(error: BaseException) -> str:
+    """The innermost message of an exception chain, without tensorstore's spec dump."""
+    text = _first_line(_chain(error)[-1])
+    for cut in (" [tensorstore_spec", " See full TensorStore details"):
+        text = text.split(cut)[0]
+    return text[:200]
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _root_cause(error: BaseException) -> str:
+    """The file system's word on an exception chain: its innermost OSError, or the OS error
+    that a tensorstore message quotes, else the innermost message."""
+    chain = _chain(error)
+    for item in reversed(chain):
+        if isinstance(item, OSError) and item.strerror:
+            where = f": {item.filename}" if item.filename else ""
+            return f"[Errno {item.errno}] {item.strerror}{where}"
+    for item in reversed(chain):
+        quoted = re.search(r"os_error_code='?(\d+)|OS error (\d+)", str(item))
+        if quoted:
+            code = int(quoted.group(1) or quoted.group(2))
+            return f"[Errno {code}] {os.strerror(code)}"
+    return _brief(error)
+
+
+def set_aside(workdir: pathlib.Path, step: int) -> pathlib.Path:
+    """Moves checkpoint `step` out of orbax's sight into `checkpoints_set_aside/` (nothing is
+    deleted); returns where it went."""
+    target_root = workdir / "checkpoints_set_aside"
+    target_root.mkdir(exist_ok=True)
+    target, n = target_root / str(step), 1
+    while target.exists():
+        n += 1
+        target = target_root / f"{step}-{n}"
+    (workdir / "checkpoints" / str(step)).rename(target)
+    return target
+
+
+def read_record(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The record checkpoint `step` carries ({'state_sha256', 'config'}); Damaged when it
+    cannot be read or a file of it differs from the SHA-256 saved beside it."""
+    folder = pathlib.Path(manager.directory) / str(step)
+    if not any(folder.iterdir()):
+        raise Damaged("its folder is empty")
+    _check_files(folder)
+    try:
+        with _quiet_orbax():
+            saved = manager.metadata(step).custom_metadata or {}
+    except Exception as error:  # whatever orbax raises, the step is unreadable
+        raise Damaged(f"orbax cannot read its metadata ({_brief(error)})") from None
+    ours = saved.get("fedjax_cv")
+    if not isinstance(ours, dict) or not {"state_sha256", "config"} <= set(ours):
+        missing = not (folder / "_CHECKPOINT_METADATA").exists()
+        detail = "_CHECKPOINT_METADATA is missing" if missing else "an older fedjax_cv wrote it"
+        raise Damaged(f"it carries no digest of its state ({detail})")
+    return ours
+
+
+def record_difference(saved: dict, step: int, config) -> str | None:
+    """The first config key whose value differs from the one checkpoint `step` was made with."""
+    return fingerprint_difference(
+        saved["config"], _json_fingerprint(config), f"the config checkpoint {step} was made with"
+    )
+
+
+def restore_verified(
+    manager: ocp.CheckpointManager, step: int, state, saved: dict
+) -> tuple[object, str | None]:
+    """Checkpoint `step` restored into `state`'s structure and verified against its record
+    `saved` (`read_record`): orbax restores it, every value is finite, the digest is equal.
+
+    Returns (restored state, None), or (None, the first leaf whose name, shape or dtype differs
+    from `state`); raises Damaged when the checkpoint does not hold what was saved.
+    """
+    try:
+        item_metadata = manager.item_metadata(step)
+    except Exception as error:
+        raise Damaged(f"orbax cannot read its array metadata ({_brief(error)})") from None
+    if item_metadata is None or not jax.tree.leaves(item_metadata):
+        raise Damaged("its array metadata (default/_METADATA) is missing")
+    difference = state_difference(manager, step, state)
+    if difference:
+        return None, difference
+    try:
+        with _quiet_orbax():
+            restored = jax.block_until_ready(restore(manager, step, state))
+    except Exception as error:
+        raise Damaged(f"orbax cannot restore it ({_brief(error)})") from None
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(restored))[0]:
+        array = np.asarray(leaf)
+        if np.issubdtype(array.dtype, np.inexact) and not np.all(np.isfinite(array)):
+            raise Damaged(f"its {key_name(path, sep='.')} holds non-finite values")
+    if state_sha256(restored) != saved["state_sha256"]:
+        raise Damaged("its arrays differ from the SHA-256 saved with them")
+    held = getattr(restored, "round", None)
+    if held is not None and int(jax.device_get(held)) != step:
+        raise Damaged(f"it holds round {int(jax.device_get(held))}, not {step}")
+    return restored, None
 
 
 def restore(manager: ocp.CheckpointManager, step: int, state):

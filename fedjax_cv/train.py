@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -23,12 +25,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from fedjax_cv import checkpointing, curves
 from fedjax_cv.algorithms.param_groups import frozen_fraction, head_rules
 from fedjax_cv.algorithms.registry import build_algorithm
+from fedjax_cv.checkpointing import CheckpointError
 from fedjax_cv.data.augment import Augmentation, make_augmentation
 from fedjax_cv.data.cohort import test_batches
 from fedjax_cv.data.federated import FederatedDataset
@@ -39,6 +41,7 @@ from fedjax_cv.models import get_model
 from fedjax_cv.models.weights import LoadReport, WeightsError, head_modules, load_pretrained
 from fedjax_cv.tasks import Task, get_task, pictures, task_names
 from fedjax_cv.validation import ConfigError, validate_config
+from fedjax_cv.workdir import WorkdirError, WorkdirLock, check_workdir
 
 _INIT_STREAM, _TRAIN_STREAM = 0, 1
 
@@ -237,23 +240,40 @@ class TrainingError(RuntimeError):
 
 class MetricsWriter:
     """Appends JSON lines to metrics.jsonl; on resume it drops lines past the checkpoint
-    (they are recomputed identically) and a line cut short by a kill."""
+    (they are recomputed identically), a line cut short by a kill, and any other line that is
+    not a JSON object with a round (invalid UTF-8, garbage), naming it in one line."""
 
     def __init__(self, path: pathlib.Path, resume_round: int):
+        self.path = path
         if path.exists():
-            lines = path.read_text().splitlines()
-            kept = [line for line in lines if _round_of(line) is not None]
-            kept = [line for line in kept if _round_of(line) <= resume_round]
-            if kept != lines:
-                path.write_text("".join(line + "\n" for line in kept))
+            lines, unreadable = read_metrics_lines(path)
+            _note_unreadable(path, unreadable, "dropped")
+            kept = [line for line in lines if _round_of(line) <= resume_round]
+            if unreadable or kept != lines or _ends_cut(path):
+                _rewrite(path, kept)
         self._file = open(path, "a")
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
 
+    def rewind(self, last_round: int) -> None:
+        """Drops the lines past `last_round` (after a failed save: no line may claim what no
+        checkpoint holds)."""
+        self._file.close()
+        lines, _ = read_metrics_lines(self.path)
+        _rewrite(self.path, [line for line in lines if _round_of(line) <= last_round])
+        self._file = open(self.path, "a")
+
     def close(self) -> None:
         self._file.close()
+
+
+def _rewrite(path: pathlib.Path, lines: list[str]) -> None:
+    """Replaces the file at once (a kill leaves the old one or the new one, never a part)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(line + "\n" for line in lines))
+    temporary.replace(path)
 
 
 def _round_of(line: str) -> int | None:
@@ -261,6 +281,45 @@ def _round_of(line: str) -> int | None:
         return int(json.loads(line)["round"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def read_metrics_lines(path: pathlib.Path) -> tuple[list[str], list[int]]:
+    """metrics.jsonl's lines that are JSON objects with a round, and the numbers of the other
+    lines (invalid UTF-8, garbage), less a last line cut short by a kill."""
+    raw = path.read_bytes().split(b"\n")
+    if raw and raw[-1] == b"":
+        raw.pop()
+    lines, unreadable = [], []
+    for number, data in enumerate(raw, start=1):
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError:
+            line = ""
+        if _round_of(line) is not None:
+            lines.append(line)
+        elif number < len(raw):
+            unreadable.append(number)
+    return lines, unreadable
+
+
+def _ends_cut(path: pathlib.Path) -> bool:
+    with open(path, "rb") as file:
+        file.seek(0, os.SEEK_END)
+        if file.tell() == 0:
+            return False
+        file.seek(-1, os.SEEK_END)
+        return file.read(1) != b"\n"
+
+
+def _note_unreadable(path: pathlib.Path, unreadable: list[int], done: str) -> None:
+    if unreadable:
+        numbers = ", ".join(str(n) for n in unreadable)
+        _note(f"{path}: {done} line {numbers}, not a JSON object with a round")
+
+
+def _note(text: str) -> None:
+    """One line for the user on stderr, above the progress bar when one is drawn."""
+    tqdm.write(text, file=sys.stderr)
 
 
 class _StopRequest:
@@ -288,61 +347,151 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items()}
 
 
-def _check_resumable(experiment: Experiment, workdir: pathlib.Path) -> int | None:
-    """The round to resume from (None: fresh start); refuses a mismatched workdir."""
+def _check_resumable(
+    experiment: Experiment, workdir: pathlib.Path, resume_step: int | None = None
+) -> tuple[int | None, Any]:
+    """The round to resume from and its verified state ((None, initial state): a fresh start).
+
+    Refuses a workdir whose config.json or checkpoint was made with another config, or whose
+    state has other shapes. A damaged checkpoint is set aside (`checkpoints_set_aside/`) with
+    one line saying why, and the one before it is tried. With `resume_step` the checkpoints
+    after that round are set aside too (0: all of them, a fresh start).
+    """
     config = experiment.config
     allow = config.checkpoint.allow_config_change
-    saved = checkpointing.read_saved_config(workdir)
+    refusal = "use the same config, another workdir, or "
+    refusal += "--config.checkpoint.allow_config_change=True"
+    try:
+        saved = checkpointing.read_saved_config(workdir)
+    except ValueError as error:
+        raise ConfigError(
+            f"cannot resume in {workdir}: {error}; repair or delete it (each checkpoint also "
+            "records the config it was made with)"
+        ) from None
     difference = None if saved is None else checkpointing.config_difference(saved, config)
     if difference and not allow:
+        raise ConfigError(f"cannot resume in {workdir}: {difference}; {refusal}")
+    kept = checkpointing.steps(workdir)
+    if resume_step not in (None, 0) and resume_step not in kept:
         raise ConfigError(
-            f"cannot resume in {workdir}: {difference}; use the same config, another workdir, "
-            "or --config.checkpoint.allow_config_change=True"
+            f"resume_step={resume_step}: {workdir / 'checkpoints'} holds no checkpoint of round "
+            f"{resume_step}; kept: {_rounds(kept)} (0 starts over)"
         )
-    step = checkpointing.latest_step(workdir)
-    if step is not None and step < config.num_rounds:
+    candidates = [step for step in kept if resume_step is None or step <= resume_step]
+    found, state = None, experiment.initial_state
+    if candidates:
         manager = checkpointing.manager(workdir, config.checkpoint.keep)
-        difference = checkpointing.state_difference(manager, step, experiment.initial_state)
-        manager.close()
-        if difference:
-            raise ConfigError(f"cannot resume in {workdir}: {difference}")
-    return step
+        try:
+            for step in reversed(candidates):
+                try:
+                    record = checkpointing.read_record(manager, step)
+                    difference = checkpointing.record_difference(record, step, config)
+                    if difference and not allow:
+                        raise ConfigError(f"cannot resume in {workdir}: {difference}; {refusal}")
+                    restored, difference = checkpointing.restore_verified(
+                        manager, step, state, record
+                    )
+                except checkpointing.Damaged as why:
+                    moved = checkpointing.set_aside(workdir, step)
+                    _note(f"skipped checkpoint {step} of {workdir}: {why}; moved it to {moved}")
+                    continue
+                if difference:
+                    raise ConfigError(f"cannot resume in {workdir}: {difference}")
+                found, state = step, restored
+                break
+        finally:
+            manager.close()
+    for step in kept:
+        if resume_step is not None and step > resume_step:
+            moved = checkpointing.set_aside(workdir, step)
+            _note(f"set aside checkpoint {step} (after resume_step={resume_step}) in {moved}")
+    return found, state
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) the experiment of `config` in `workdir`; returns the last record."""
-    experiment = build_experiment(config)  # input errors surface here, before any write
+def _rounds(steps: list[int]) -> str:
+    return ", ".join(str(step) for step in steps) if steps else "none"
+
+
+def _kept_checkpoints(workdir: pathlib.Path) -> str:
+    """Where a stopped run can go on from, as the end of its error line."""
+    kept = checkpointing.steps(workdir)
+    if not kept:
+        return "with no checkpoint yet"
+    return (
+        f"with the checkpoints of rounds {_rounds(kept)} kept (the same command resumes from "
+        f"round {kept[-1]}; add --resume_step=<round> to resume from an earlier one)"
+    )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, resume_step: int | None = None
+) -> dict[str, Any]:
+    """Runs (or resumes) the experiment of `config` in `workdir`; returns the last record.
+
+    `resume_step`: resume from that kept checkpoint instead of the newest, setting the newer
+    ones aside (0: start over). Raises ConfigError (bad config, mismatched workdir),
+    WorkdirError (a workdir that cannot be used, or one in use by another run), TrainingError
+    (the run cannot go on) and CheckpointError (a checkpoint could not be saved).
+    """
+    validate_config(config)  # bad values and a bad workdir fail before anything is built
+    if resume_step is not None and (not isinstance(resume_step, int) or resume_step < 0):
+        raise ConfigError(f"resume_step={resume_step!r} is not allowed; must be a round >= 0")
     workdir_path = pathlib.Path(workdir)
-    resume_step = _check_resumable(experiment, workdir_path)
+    check_workdir(workdir_path)
+    lock = WorkdirLock(workdir_path)
+    lock.acquire()  # one writer: a second run is refused before it builds anything
+    try:
+        experiment = build_experiment(config)  # input errors surface here, before any write
+    except BaseException:
+        lock.release(discard=True)  # a workdir made for this run goes again
+        raise
+    try:
+        return _train_in(experiment, workdir_path, resume_step)
+    finally:
+        lock.release()
+
+
+def _train_in(experiment: Experiment, workdir_path: pathlib.Path, resume_step: int | None):
+    """train_and_evaluate in a workdir this process holds."""
+    config = experiment.config
+    found, state = _check_resumable(experiment, workdir_path, resume_step)
     metrics_path = workdir_path / "metrics.jsonl"
     num_rounds = config.num_rounds
-    if resume_step is not None and resume_step >= num_rounds and metrics_path.exists():
-        lines = [line for line in metrics_path.read_text().splitlines() if _round_of(line)]
-        return json.loads(lines[-1]) if lines else {"round": resume_step}
+    if found is not None and found >= num_rounds and metrics_path.exists():
+        lines, unreadable = read_metrics_lines(metrics_path)
+        _note_unreadable(metrics_path, unreadable, "left alone")
+        return json.loads(lines[-1]) if lines else {"round": found}
 
-    workdir_path.mkdir(parents=True, exist_ok=True)
     config_json = workdir_path / "config.json"
     if not config_json.exists():
         config_json.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     if not (workdir_path / "partition.json").exists():
         partition_record(experiment).save(workdir_path / "partition.json")
-    if experiment.weights_report is not None and resume_step is None:
+    if experiment.weights_report is not None and found is None:
         (workdir_path / "weights_report.txt").write_text(experiment.weights_report.summary() + "\n")
-    if resume_step is None:
+    if found is None:
         for note in experiment.notes:
             tqdm.write(note)
+    checkpointing.remove_unfinished(workdir_path)
     manager = checkpointing.manager(workdir_path, config.checkpoint.keep)
-    state, start_round = experiment.initial_state, 0
-    if resume_step is not None:
-        state = checkpointing.restore(manager, resume_step, state)
-        start_round = resume_step
+    start_round = found or 0
     writer = MetricsWriter(metrics_path, start_round)
+    failed = True
     try:
         record = _run_rounds(experiment, state, start_round, manager, writer, workdir_path)
+        failed = False
+    except CheckpointError:
+        writer.rewind(checkpointing.latest_step(workdir_path) or 0)
+        raise
+    except TrainingError as error:
+        raise TrainingError(f"{error} {_kept_checkpoints(workdir_path)}") from None
     finally:
         writer.close()
-        manager.wait_until_finished()
-        manager.close()
+        try:
+            manager.close()
+        except Exception:  # a failed save fails close() again; it was said once already
+            if not failed:
+                raise
     curves.plot_learning_curves(
         metrics_path,
         workdir_path / "learning_curves.png",
@@ -364,11 +513,11 @@ def _run_rounds(experiment, state, start_round, manager, writer, workdir) -> dic
     train_key = jax.random.fold_in(experiment.root_key, _TRAIN_STREAM)
     kill_round = int(os.environ.get("FEDJAX_CV_FAULT_KILL_DURING_SAVE", "0"))
     record: dict[str, Any] = {"round": start_round}
-    last_saved = start_round
     progress = tqdm(
         total=num_rounds, initial=start_round, desc="rounds", unit="round", dynamic_ncols=True
     )
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as prefetch, _StopRequest() as stop:
+    # The bar is closed before an error leaves: the last line a user sees is the error.
+    with progress, concurrent.futures.ThreadPoolExecutor(1) as prefetch, _StopRequest() as stop:
         next_cohort = prefetch.submit(experiment.cohorts, start_round)
         for round_index in range(start_round, num_rounds):
             cohort = next_cohort.result()
@@ -381,7 +530,7 @@ def _run_rounds(experiment, state, start_round, manager, writer, workdir) -> dic
             train = _jsonable(jax.device_get(round_metrics))
             train["examples_per_s"] = train["num_examples"] / (time.perf_counter() - started)
             completed = round_index + 1
-            _check_finite(train, completed, last_saved)
+            _check_finite(train, completed)
             record = {"round": completed}
             if completed % config.log_every_rounds == 0 or completed == num_rounds:
                 record.update({f"train/{k}": v for k, v in train.items()})
@@ -393,10 +542,10 @@ def _run_rounds(experiment, state, start_round, manager, writer, workdir) -> dic
                 writer.write(record)
             periodic = completed % config.checkpoint.every_rounds == 0
             if periodic or completed == num_rounds or stop.signal is not None:
-                manager.save(completed, args=ocp.args.StandardSave(state))
-                last_saved = completed
+                in_flight = None
                 if completed == kill_round:  # test-only fault: die while the save is in flight
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    in_flight = functools.partial(os.kill, os.getpid(), signal.SIGKILL)
+                checkpointing.save(manager, completed, state, config, in_flight=in_flight)
             progress.update(1)
             progress.set_postfix(
                 {k.replace("train/", ""): f"{record[k]:.3f}" for k in shown if k in record}
@@ -406,7 +555,6 @@ def _run_rounds(experiment, state, start_round, manager, writer, workdir) -> dic
                 progress.write(f"signal {stop.signal}: saved round {completed}, exiting")
                 record = {**record, "stopped_by_signal": stop.signal}
                 break
-    progress.close()
     if num_rounds == 0:
         record = {"round": 0, **evaluate_and_report(experiment, state, workdir, 0)}
         record["params_sha256"] = params_sha256(state.params)
@@ -414,22 +562,21 @@ def _run_rounds(experiment, state, start_round, manager, writer, workdir) -> dic
     return record
 
 
-def _check_finite(train: dict[str, float], completed: int, last_saved: int) -> None:
+def _check_finite(train: dict[str, float], completed: int) -> None:
     if train["num_clients"] > 0 and train["num_nonfinite_clients"] == train["num_clients"]:
         raise TrainingError(
             f"round {completed}: all {train['num_clients']:.0f} clients returned non-finite "
-            f"updates; stopped with the last checkpoint (round {last_saved}) intact"
+            "updates; stopped"
         )
     if train.pop("nonfinite_params", 0.0):
-        raise TrainingError(
-            f"round {completed}: the server params became non-finite; stopped with the last "
-            f"checkpoint (round {last_saved}) intact"
-        )
+        raise TrainingError(f"round {completed}: the server params became non-finite; stopped")
 
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "TrainingError",
+    "WorkdirError",
     "build_experiment",
     "params_sha256",
     "train_and_evaluate",

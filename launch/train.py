@@ -3,8 +3,14 @@
     python launch/train.py --config=configs/shapes_fedavg.py[:arg] --workdir=DIR \
         [--config.<key>=<value> ...]
 
-Running it again on the same DIR resumes from the last checkpoint; on a finished run it exits 0
-and changes nothing. A bad config value fails with one line before anything is written.
+Running it again on the same DIR resumes from the newest intact checkpoint (a damaged one is
+moved to DIR/checkpoints_set_aside with one line saying why); on a finished run it exits 0 and
+changes nothing. `--resume_step=N` resumes from the kept checkpoint of round N instead, setting
+the newer ones aside (0 starts over). One run at a time writes a DIR; another is refused.
+
+Every bad input or fault ends with one line `error: ...` on stderr: exit status 2 for a bad
+config or workdir (before anything is written), 1 for a run that stopped (non-finite training,
+a checkpoint that could not be saved).
 """
 
 from __future__ import annotations
@@ -14,12 +20,19 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fedjax_cv.train import TrainingError, train_and_evaluate
+from fedjax_cv.workdir import WorkdirError, check_workdir
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, config and checkpoints.")
+_RESUME_STEP = flags.DEFINE_integer(
+    "resume_step",
+    None,
+    "Resume from the kept checkpoint of this round instead of the newest; the newer ones are "
+    "moved to <workdir>/checkpoints_set_aside (0: start over).",
+    lower_bound=0,
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,11 +60,17 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines off the console
     try:
-        record = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError) as error:
+        check_workdir(_WORKDIR.value)  # within a second, before JAX and the dataset load
+    except WorkdirError as error:
         _fail(error)
-    except TrainingError as error:
-        print(f"error: {error}", file=sys.stderr)
+    from fedjax_cv.train import CheckpointError, TrainingError, train_and_evaluate
+
+    try:
+        record = train_and_evaluate(_CONFIG.value, _WORKDIR.value, resume_step=_RESUME_STEP.value)
+    except (ValueError, FileNotFoundError, WorkdirError) as error:
+        _fail(error)
+    except (TrainingError, CheckpointError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(1)
     print({k: v for k, v in record.items()})
 

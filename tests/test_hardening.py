@@ -1,0 +1,437 @@
+"""One writer per workdir, verified checkpoints with fallback, workdir faults, damaged workdir
+files, and errors that stay the last line: each said in one line that names the path."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedjax_cv import train as train_module
+from fedjax_cv.train import train_and_evaluate
+from fedjax_cv.validation import ConfigError
+from fedjax_cv.workdir import WorkdirError, WorkdirLock
+from tests.configs_loader import load_config, override
+from tests.test_train import read_metrics, tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def said(capsys) -> list[str]:
+    """The lines a run wrote to stderr, less the progress bar."""
+    text = capsys.readouterr().err.replace("\r", "\n")
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("rounds")]
+
+
+# launch/train.py run under a file-size limit (RLIMIT_FSIZE), set in the child itself: a write
+# past it fails with EFBIG, as one on a full disk fails with ENOSPC.
+UNDER_LIMIT = (
+    "import resource, runpy, sys; limit = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY)); "
+    "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def launch(workdir, *overrides, config="configs/shapes_fedavg.py:runlocal", file_limit=None):
+    """launch/train.py with the logistic model on a small runlocal; a Popen."""
+    limit = [] if file_limit is None else ["-c", UNDER_LIMIT, str(file_limit)]
+    command = [
+        sys.executable,
+        *limit,
+        "launch/train.py",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        "--config.model.name=logistic",
+        "--config.data.num_train_examples=400",
+        *overrides,
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr split into the lines a console shows (the bar redraws with carriage returns)."""
+    return [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- one writer
+
+
+def test_two_concurrent_launches_one_finishes_the_other_is_refused(tmp_path):
+    workdir = tmp_path / "run"
+    rounds = ["--config.num_rounds=8", "--config.checkpoint.every_rounds=2"]
+    processes = [launch(workdir, *rounds) for _ in range(2)]
+    results = [(p, *p.communicate(timeout=300)) for p in processes]
+    finished = [r for r in results if r[0].returncode == 0]
+    refused = [r for r in results if r[0].returncode == 2]
+    assert len(finished) == 1 and len(refused) == 1, [
+        (r[0].returncode, r[2][-500:]) for r in results
+    ]
+    winner = finished[0][0].pid
+    assert error_lines(refused[0][2]) == [
+        f"error: workdir {workdir} is in use by another run (process {winner} holds "
+        f"{workdir}/.lock); wait for it to end or stop it, or use another workdir"
+    ]
+    records = read_metrics(workdir)
+    assert [r["round"] for r in records] == list(range(1, 9))  # each round once
+    config = override(
+        load_config("configs/shapes_fedavg.py:runlocal"),
+        {
+            "model.name": "logistic",
+            "data.num_train_examples": 400,
+            "num_rounds": 8,
+            "checkpoint.every_rounds": 2,
+        },
+    )
+    alone = train_and_evaluate(config, str(tmp_path / "alone"))
+    assert records[-1]["params_sha256"] == alone["params_sha256"]
+
+
+def test_a_held_workdir_is_refused_before_the_run_is_built(tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    monkeypatch.setattr(train_module, "build_experiment", _must_not_build)
+    with WorkdirLock(workdir) as lock:
+        lock.acquire()
+        with pytest.raises(WorkdirError) as error:
+            train_and_evaluate(tiny_config(), str(workdir))
+    assert str(error.value) == (
+        f"workdir {workdir} is in use by another run (process {os.getpid()} holds "
+        f"{workdir}/.lock); wait for it to end or stop it, or use another workdir"
+    )
+
+
+def test_a_killed_holder_does_not_block_the_next_run(tmp_path):
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from fedjax_cv.workdir import WorkdirLock; "
+            "WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
+            str(workdir),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(WorkdirError, match=f"process {holder.pid} holds"):
+        WorkdirLock(workdir).acquire()
+    holder.kill()
+    holder.wait()
+    with WorkdirLock(workdir) as lock:
+        lock.acquire()
+        assert lock.held
+
+
+def _must_not_build(config):
+    raise AssertionError("the experiment was built before the workdir was checked")
+
+
+# ------------------------------------------------------------------- damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted 6-round run, and a 4-round run (checkpoints 2 and 4) to resume to 6."""
+    root = tmp_path_factory.mktemp("runs")
+    reference = train_and_evaluate(tiny_config(num_rounds=6), str(root / "reference"))
+    train_and_evaluate(tiny_config(num_rounds=4), str(root / "four"))
+    return root, reference["params_sha256"]
+
+
+def copy_of(runs, name: str, tmp_path) -> pathlib.Path:
+    workdir = tmp_path / name
+    shutil.copytree(runs[0] / name, workdir)
+    return workdir
+
+
+def _largest_file(folder: pathlib.Path) -> pathlib.Path:
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def truncate(step):
+    path = _largest_file(step)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return f"its file {path.relative_to(step)} differs from the SHA-256 saved with it"
+
+
+def zero_bytes(step):
+    path = _largest_file(step)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    return f"its file {path.relative_to(step)} differs from the SHA-256 saved with it"
+
+
+def delete_manifest(step):
+    for path in step.rglob("manifest.ocdbt"):
+        path.unlink()
+    return "its file default/manifest.ocdbt is missing"
+
+
+def delete_metadata(step):
+    for path in step.rglob("*METADATA*"):
+        path.unlink()
+    return "its file _CHECKPOINT_METADATA is missing"
+
+
+def empty_folder(step):
+    shutil.rmtree(step)
+    step.mkdir()
+    return "its folder is empty"
+
+
+def replace_arrays(step):
+    """Checkpoint 2's arrays under checkpoint 4's metadata, without the file digests: orbax
+    restores them without complaint; only the state digest sees it."""
+    (step / "fedjax_cv_files.json").unlink(missing_ok=True)  # checkpointing.FILES_RECORD
+    shutil.rmtree(step / "default")
+    shutil.copytree(step.parent / "2" / "default", step / "default")
+    return "its arrays differ from the SHA-256 saved with them"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [truncate, zero_bytes, delete_manifest, delete_metadata, empty_folder, replace_arrays],
+)
+def test_a_damaged_newest_checkpoint_falls_back_one_step(tmp_path, runs, capsys, damage):
+    workdir = copy_of(runs, "four", tmp_path)
+    why = damage(workdir / "checkpoints" / "4")
+    capsys.readouterr()
+    record = train_and_evaluate(tiny_config(num_rounds=6), str(workdir))
+    assert said(capsys) == [
+        f"skipped checkpoint 4 of {workdir}: {why}; moved it to {workdir}/checkpoints_set_aside/4"
+    ]
+    assert record["params_sha256"] == runs[1]
+    assert [r["round"] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+    assert (workdir / "checkpoints_set_aside" / "4").is_dir()  # kept, not deleted
+
+
+def test_resume_step_goes_back_to_an_earlier_checkpoint(tmp_path, runs, capsys):
+    workdir = copy_of(runs, "four", tmp_path)
+    with pytest.raises(ConfigError) as error:
+        train_and_evaluate(tiny_config(num_rounds=6), str(workdir), resume_step=3)
+    assert str(error.value) == (
+        f"resume_step=3: {workdir}/checkpoints holds no checkpoint of round 3; kept: 2, 4 "
+        "(0 starts over)"
+    )
+    capsys.readouterr()
+    record = train_and_evaluate(tiny_config(num_rounds=6), str(workdir), resume_step=2)
+    assert said(capsys) == [
+        f"set aside checkpoint 4 (after resume_step=2) in {workdir}/checkpoints_set_aside/4"
+    ]
+    assert record["params_sha256"] == runs[1]
+    assert [r["round"] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_launcher_resume_step_flag_is_documented():
+    result = subprocess.run(
+        [sys.executable, "launch/train.py", "--helpfull"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert "--resume_step" in result.stdout
+    readme = (ROOT / "README.md").read_text()
+    assert "--resume_step" in readme
+
+
+# ------------------------------------------------------------------------ workdir faults
+
+
+def _workdir_faults(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    with_checkpoints_file = tmp_path / "ckpt_file"
+    with_checkpoints_file.mkdir()
+    (with_checkpoints_file / "checkpoints").write_text("")
+    with_metrics_folder = tmp_path / "metrics_folder"
+    (with_metrics_folder / "metrics.jsonl").mkdir(parents=True)
+    return [
+        (a_file, f"workdir {a_file} is a file, not a folder"),
+        (a_file / "run", f"workdir {a_file}/run lies under {a_file}, which is a file"),
+        (
+            with_checkpoints_file,
+            f"workdir {with_checkpoints_file}: {with_checkpoints_file}/checkpoints is a file, "
+            "but the run needs a folder there",
+        ),
+        (
+            with_metrics_folder,
+            f"workdir {with_metrics_folder}: {with_metrics_folder}/metrics.jsonl is a folder, "
+            "but the run writes a file there",
+        ),
+    ]
+
+
+def test_workdir_faults_are_one_line_within_3_s_and_nothing_is_written(tmp_path):
+    for workdir, message in _workdir_faults(tmp_path):
+        before = sorted(tmp_path.rglob("*"))
+        started = time.perf_counter()
+        process = launch(workdir)
+        first = process.stderr.readline()
+        elapsed = time.perf_counter() - started
+        _, rest = process.communicate(timeout=60)
+        assert process.returncode == 2
+        assert error_lines(first + rest) == [f"error: {message}"]
+        assert elapsed < 3.0, (workdir, elapsed)
+        assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_workdir_faults_in_process_come_before_the_dataset(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "build_experiment", _must_not_build)
+    for workdir, message in _workdir_faults(tmp_path):
+        with pytest.raises(WorkdirError) as error:
+            train_and_evaluate(tiny_config(), str(workdir))
+        assert str(error.value) == message
+
+
+def _read_only_command(folder: pathlib.Path) -> list[str] | None:
+    """A prefix that runs a command with `folder` read-only: as a non-root user a chmod does
+    (the caller's), as root a read-only bind mount in a private mount namespace, if allowed."""
+    if os.geteuid() != 0:
+        for path in [*folder.iterdir(), folder]:
+            path.chmod(0o555)
+        return []
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount --bind {folder} {folder}"], capture_output=True
+    )
+    if probe.returncode != 0:
+        return None
+    remount = f'mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && exec "$@"'
+    return ["unshare", "-m", "sh", "-c", remount, "sh"]
+
+
+def test_a_read_only_workdir_is_one_line(tmp_path):
+    folder = tmp_path / "ro"
+    (folder / "existing").mkdir(parents=True)
+    prefix = _read_only_command(folder)
+    if prefix is None:
+        pytest.skip("root without a private mount namespace: no honest read-only folder")
+    try:
+        for workdir, where in [
+            (folder / "existing", f"workdir {folder}/existing "),
+            (folder / "new", f"workdir {folder}/new cannot be made: {folder} "),
+        ]:
+            result = subprocess.run(
+                [
+                    *prefix,
+                    sys.executable,
+                    "launch/train.py",
+                    "--config=configs/shapes_fedavg.py:runlocal",
+                    f"--workdir={workdir}",
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 2, result.stderr
+            cause = "is on a read-only file system" if os.geteuid() == 0 else "is not writable"
+            [line] = error_lines(result.stderr)
+            assert line.startswith(f"error: {where}{cause}"), line
+    finally:
+        for path in [folder, *folder.iterdir()]:
+            path.chmod(0o755)
+
+
+def test_a_failed_save_is_one_line_and_metrics_claim_no_digest(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE, as a full disk) that the 64x64 logistic model's
+    checkpoint passes but nothing before it does: the final save fails."""
+    workdir = tmp_path / "run"
+    process = launch(
+        workdir,
+        "--config.num_rounds=2",
+        "--config.checkpoint.every_rounds=10",
+        "--config.data.image_size=64",
+        "--config.data.num_test_examples=40",
+        file_limit=160_000,
+    )
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1
+    assert error_lines(stderr)[-1] == (
+        f"error: cannot save checkpoint 2 in {workdir}/checkpoints: [Errno 27] File too large"
+    )
+    assert sum(line.startswith("error") for line in error_lines(stderr)) == 1
+    assert "Traceback" not in stderr
+    assert not [p for p in (workdir / "checkpoints").iterdir()]  # no step, no tmp folder
+    assert not any("params_sha256" in r for r in read_metrics(workdir))
+
+
+# ---------------------------------------------------------------- damaged workdir files
+
+
+def test_invalid_utf8_in_metrics_finished_run_changes_nothing(tmp_path, runs, capsys):
+    workdir = copy_of(runs, "reference", tmp_path)
+    metrics = workdir / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines(keepends=True)
+    metrics.write_bytes(b"".join(lines[:2] + [b"\xff\xfe garbage\n"] + lines[2:]))
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    record = train_and_evaluate(tiny_config(num_rounds=6), str(workdir))
+    assert record["params_sha256"] == runs[1]
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == before
+    assert said(capsys) == [f"{metrics}: left alone line 3, not a JSON object with a round"]
+
+
+def test_invalid_utf8_in_metrics_resume_drops_that_line(tmp_path, runs, capsys):
+    workdir = copy_of(runs, "four", tmp_path)
+    metrics = workdir / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines(keepends=True)
+    metrics.write_bytes(b"".join(lines[:1] + [b'{"round": \xff}\n'] + lines[1:]))
+    capsys.readouterr()
+    record = train_and_evaluate(tiny_config(num_rounds=6), str(workdir))
+    assert record["params_sha256"] == runs[1]
+    assert said(capsys) == [f"{metrics}: dropped line 2, not a JSON object with a round"]
+    assert [r["round"] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_garbage_config_json_is_named(tmp_path, runs):
+    workdir = copy_of(runs, "four", tmp_path)
+    (workdir / "config.json").write_bytes(b"\x00\x00garbage")
+    with pytest.raises(ConfigError) as error:
+        train_and_evaluate(tiny_config(num_rounds=6), str(workdir))
+    assert str(error.value).startswith(
+        f"cannot resume in {workdir}: {workdir}/config.json is not valid JSON ("
+    )
+    assert "\n" not in str(error.value)
+
+
+def test_a_deleted_config_json_cannot_mix_two_configs(tmp_path, runs):
+    workdir = copy_of(runs, "four", tmp_path)
+    (workdir / "config.json").unlink()
+    other = tiny_config(num_rounds=6, **{"algorithm.client.learning_rate": 0.5})
+    with pytest.raises(ConfigError) as error:
+        train_and_evaluate(other, str(workdir))
+    assert str(error.value) == (
+        f"cannot resume in {workdir}: algorithm.client.learning_rate=0.5 differs from 0.05 in "
+        "the config checkpoint 4 was made with; use the same config, another workdir, or "
+        "--config.checkpoint.allow_config_change=True"
+    )
+    assert not (workdir / "config.json").exists()
+    record = train_and_evaluate(tiny_config(num_rounds=6), str(workdir))
+    assert record["params_sha256"] == runs[1]
+    assert json.loads((workdir / "config.json").read_text())["num_rounds"] == 6
+
+
+# ------------------------------------------------------------------ the last line is the error
+
+
+def test_a_training_error_is_the_last_line_on_the_console(tmp_path):
+    workdir = tmp_path / "run"
+    process = launch(workdir, "--config.algorithm.server.learning_rate=1e300")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1
+    assert error_lines(stderr)[-1] == (
+        "error: round 1: the server params became non-finite; stopped with no checkpoint yet"
+    )
