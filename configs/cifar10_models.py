@@ -10,7 +10,15 @@ local pretrained weights, e.g. ImageNet weights converted to .npz, the classifie
 for 10 classes; `head_lr=<float>` scales the head's learning rate.
 """
 
-from fedjax_cv.config_base import dirichlet_classification, parse_arg, transfer
+from fedjax_cv.config_base import (
+    TRANSFER_ARGS,
+    dirichlet_classification,
+    join_arg,
+    parse_arg,
+    transfer,
+)
+
+BASE_ARGS = ("runlocal", "alpha")  # those of config_base.dirichlet_classification
 
 # Reduced widths and depths of each family for `runlocal`: the same blocks, far fewer FLOPs.
 TINY = {
@@ -23,9 +31,9 @@ VIT_CIFAR = {"image_size": 32, "patch_size": 4}
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, BASE_ARGS + ("model",) + TRANSFER_ARGS)
     name = args.get("model", "mobilenet_v2")
-    config = dirichlet_classification("cifar10", name, arg, num_rounds=1000)
+    config = dirichlet_classification("cifar10", name, join_arg(args, BASE_ARGS), num_rounds=1000)
     config.data.augmentation = "cifar"
     config.algorithm.client.momentum = 0.0
     config.algorithm.client.learning_rate = 0.05

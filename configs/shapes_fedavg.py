@@ -14,7 +14,7 @@ from fedjax_cv.config_base import base_config, parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, ("runlocal", "alpha"))
     config = base_config()
     config.seed = 0
     config.num_rounds = 40

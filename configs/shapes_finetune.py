@@ -15,12 +15,16 @@ new data.
 
 import pathlib
 
-from fedjax_cv.config_base import load_config, parse_arg, transfer
+from fedjax_cv.config_base import TRANSFER_ARGS, join_arg, load_config, parse_arg, transfer
+
+BASE_ARGS = ("runlocal", "alpha")  # those of configs/shapes_fedavg.py
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
-    config = load_config(pathlib.Path(__file__).with_name("shapes_fedavg.py"), arg)
+    args = parse_arg(arg, BASE_ARGS + TRANSFER_ARGS)
+    config = load_config(
+        pathlib.Path(__file__).with_name("shapes_fedavg.py"), join_arg(args, BASE_ARGS)
+    )
     config.seed = 1
     config.num_rounds = 20 if "runlocal" not in args else config.num_rounds
     config.data.num_classes = 6

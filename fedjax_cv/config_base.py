@@ -116,6 +116,11 @@ def parse_arg(arg: str | None, known: tuple[str, ...] | None = None) -> dict[str
     return out
 
 
+def join_arg(args: dict[str, str], keys: tuple[str, ...]) -> str:
+    """The config argument string of those `args` in `keys`: what a variant hands its base."""
+    return ",".join(f"{k}={v}" if v else k for k, v in args.items() if k in keys)
+
+
 def set_rounds(config: ml_collections.ConfigDict, rounds: int, every: int) -> None:
     """`rounds` rounds, evaluated and checkpointed every `every` (and after the last)."""
     config.num_rounds = rounds
@@ -141,7 +146,7 @@ def dirichlet_classification(
 
     `arg`: `alpha=<float>` (default 0.5), `runlocal` (3 rounds).
     """
-    args = parse_arg(arg)
+    args = parse_arg(arg, ("runlocal", "alpha"))
     config = base_config()
     config.num_rounds = num_rounds
     config.eval_every_rounds = 10
@@ -166,6 +171,7 @@ def dirichlet_classification(
 
 
 TRANSFER_MODES = ("scratch", "finetune", "frozen")
+TRANSFER_ARGS = ("mode", "weights", "head_lr")  # the config args `transfer` reads
 
 
 def transfer(config: ml_collections.ConfigDict, args: dict[str, str]) -> ml_collections.ConfigDict:

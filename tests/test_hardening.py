@@ -435,3 +435,16 @@ def test_a_training_error_is_the_last_line_on_the_console(tmp_path):
     assert error_lines(stderr)[-1] == (
         "error: round 1: the server params became non-finite; stopped with no checkpoint yet"
     )
+
+
+SHIPPED_CONFIGS = sorted(pathlib.Path(__file__).resolve().parents[1].glob("configs/*.py"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_refuses_a_misspelled_argument_in_one_line(path):
+    """Issue 11 item 5: `:runlcal` used to run the full experiment silently."""
+    from fedjax_cv.config_base import load_config as load_file
+
+    with pytest.raises(ValueError, match=r"config argument 'runlcal' is unknown; known: ") as error:
+        load_file(path, "runlcal")
+    assert "\n" not in str(error.value)
