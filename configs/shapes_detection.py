@@ -11,8 +11,9 @@ train YOLOv5n (GroupNorm) for 2 local epochs of momentum SGD (0.937, YOLOv5's) a
 0.01 for a loss it sums over the batch, times the batch of 16: the task's loss is a batch mean)
 warmed up over the first 3 rounds; inputs flipped at random.
 
-Measured 2026-11-30 on the 2-core CPU VM, while other jobs kept its load average near 7: 100
-rounds in 18 minutes 38 seconds (60 rounds took 8 minutes 14 seconds at a load near 3); eval
+Measured 2026-11-30 on the 2-core CPU VM: 100 rounds in 7 minutes 9 seconds with nothing else
+running (18 minutes 38 seconds while other jobs kept the load near 7; the same params_sha256
+a223d4a3... both times); eval
 mAP@0.5 0.10 at round 10, 0.29 at 40, 0.66 at 60, 0.86 at 90 and 0.90 at round 100
 (mAP@0.5:0.95 0.67). The curve is not monotone (0.52 at round 70): 4 clients a round of
 LDA-split data pull the model in different directions.
