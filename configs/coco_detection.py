@@ -58,61 +58,29 @@ choice for non-IID clients; FedCV uses BatchNorm: `--config.model.norm=batch`). 
 models are meant for an accelerator; on a CPU use `runlocal`.
 """
 
-import math
-
 from fedjax_cv.config_base import (
-    DETECTION_LR_PER_IMAGE,
+    check_detection_args,
     detection_partition,
     detection_training,
+    fedcv_transfer,
     parse_arg,
-    set_rounds,
     transfer,
+    yolo_runlocal,
+    yolo_txt_data,
 )
 
 KNOWN_ARGS = ("runlocal", "model", "clients", "mode", "weights", "fedcv", "lda", "alpha", "size")
 MODELS = ("yolov5s", "yolov5m", "yolov5l", "yolov5x")
 CLIENTS = (4, 8)
-# FedCV's mode names -> config_base.transfer's.
-MODES = {"ft": "finetune", "fz": "frozen", "sfl": "scratch"}
 IMAGE_SIZE = 640
 BATCH_SIZE = 4
 # YOLOv5's weight decay, 5e-4 for a nominal batch of 64 images of a batch-summed loss, as a decay
 # added to the gradient of a per-image mean loss stepped at 0.01 x the batch size.
 WEIGHT_DECAY = 5e-4 / 64
-# `runlocal`'s shrunk model: the same blocks, 8 channels each (the rounding floor), a third of the
-# depth; few distinct layer shapes, so it builds and compiles quickly on a CPU.
-TINY = {"width_multiple": 1 / 128, "depth_multiple": 0.33}
 
 
 def _bad(arg: str, value: str, allowed: str) -> ValueError:
     return ValueError(f"{arg}={value!r} is not allowed; must be {allowed}")
-
-
-def check_transfer(args: dict[str, str]) -> tuple[str, str]:
-    """(mode, weights) of `mode=ft|fz|sfl` and `weights=<path>`, checked together."""
-    mode = args.get("mode", "sfl")
-    if mode not in MODES:
-        raise _bad("mode", mode, f"one of {', '.join(MODES)} (fine-tune, frozen, scratch)")
-    weights = args.get("weights", "")
-    if mode != "sfl" and not weights:
-        raise ValueError(f"mode={mode} needs weights=<path to a .npz of the model's weights>")
-    if mode == "sfl" and weights:
-        raise ValueError("weights=... is given with mode=sfl (scratch); use mode=ft or fz")
-    return mode, weights
-
-
-def check_partition(args: dict[str, str], default_size: int) -> None:
-    """`alpha=<float>` > 0 and `size=<int>` a positive multiple of 32, in one line each."""
-    if "alpha" in args:
-        try:
-            alpha = float(args["alpha"])
-        except ValueError:
-            alpha = math.nan
-        if not math.isfinite(alpha) or alpha <= 0:
-            raise _bad("alpha", args["alpha"], "a number > 0 (FedCV: 0.1, 0.5, 100)")
-    size = args.get("size", str(default_size))
-    if not size.isdigit() or int(size) == 0 or int(size) % 32:
-        raise _bad("size", size, "a positive multiple of 32 (YOLO's deepest stride)")
 
 
 def get_config(arg=None):
@@ -123,8 +91,8 @@ def get_config(arg=None):
     clients = args.get("clients", "4")
     if clients not in {str(c) for c in CLIENTS}:
         raise _bad("clients", clients, " or ".join(map(str, CLIENTS)))
-    mode, weights = check_transfer(args)
-    check_partition(args, IMAGE_SIZE)
+    transfer_args = fedcv_transfer(args)
+    check_detection_args(args, IMAGE_SIZE, "a number > 0 (FedCV: 0.1, 0.5, 100)")
 
     num_clients = int(clients)
     config = detection_partition(
@@ -146,22 +114,7 @@ def get_config(arg=None):
         warmup_rounds=3,
     )
     config.algorithm.client.weight_decay = WEIGHT_DECAY
-
-    # COCO in Ultralytics' layout; every key here can be set from the command line.
-    config.data.train_split = "train2017"
-    config.data.test_split = "val2017"
-    config.data.images_dir = "images"
-    config.data.labels_dir = "labels"
-    config.data.names_file = ""  # "": COCO's 80 class names
-    config.data.cache_dir = ""
-
+    yolo_txt_data(config, "train2017", "val2017", names_file="")  # COCO in Ultralytics' layout
     if "runlocal" in args:
-        set_rounds(config, 2, 2)
-        config.algorithm.clients_per_round = 2
-        config.algorithm.batch_size = 2
-        config.algorithm.client.learning_rate = DETECTION_LR_PER_IMAGE * 2
-        config.eval.batch_size = 4
-        config.data.augmentation.image_size = (64, 64)
-        config.model.kwargs.update(TINY)
-
-    return transfer(config, {"mode": MODES[mode], "weights": weights})
+        yolo_runlocal(config, num_clients)
+    return transfer(config, transfer_args)

@@ -49,56 +49,31 @@ the YOLOv3 here trains with YOLOv5's loss (as Ultralytics' port does); 100 round
 epoch and 5 clients are this project's defaults for data sets of about a thousand images.
 """
 
-import math
-
 from fedjax_cv.config_base import (
-    DETECTION_LR_PER_IMAGE,
+    check_detection_args,
     detection_partition,
     detection_training,
+    fedcv_transfer,
     parse_arg,
-    set_rounds,
     transfer,
+    yolo_runlocal,
+    yolo_txt_data,
 )
 
 KNOWN_ARGS = ("runlocal", "clients", "mode", "weights", "lda", "fedcv", "alpha", "size")
-# FedCV's mode names -> config_base.transfer's.
-MODES = {"ft": "finetune", "fz": "frozen", "sfl": "scratch"}
 IMAGE_SIZE = 416
 BATCH_SIZE = 8
 # YOLOv5's weight decay (5e-4 per nominal batch of 64 images) for a per-image mean loss.
 WEIGHT_DECAY = 5e-4 / 64
-# `runlocal`'s shrunk YOLOv3: the same blocks, 8 channels each (the rounding floor), a third of
-# the depth; few distinct layer shapes, so it builds and compiles quickly on a CPU.
-TINY = {"width_multiple": 1 / 128, "depth_multiple": 0.33}
-
-
-def _bad(arg: str, value: str, allowed: str) -> ValueError:
-    return ValueError(f"{arg}={value!r} is not allowed; must be {allowed}")
 
 
 def get_config(arg=None):
     args = parse_arg(arg, KNOWN_ARGS)
     clients = args.get("clients", "5")
     if not clients.isdigit() or int(clients) < 1:
-        raise _bad("clients", clients, "a positive integer")
-    mode = args.get("mode", "sfl")
-    if mode not in MODES:
-        raise _bad("mode", mode, f"one of {', '.join(MODES)} (fine-tune, frozen, scratch)")
-    weights = args.get("weights", "")
-    if mode != "sfl" and not weights:
-        raise ValueError(f"mode={mode} needs weights=<path to a .npz of the model's weights>")
-    if mode == "sfl" and weights:
-        raise ValueError("weights=... is given with mode=sfl (scratch); use mode=ft or fz")
-    if "alpha" in args:
-        try:
-            alpha = float(args["alpha"])
-        except ValueError:
-            alpha = math.nan
-        if not math.isfinite(alpha) or alpha <= 0:
-            raise _bad("alpha", args["alpha"], "a number > 0")
-    size = args.get("size", str(IMAGE_SIZE))
-    if not size.isdigit() or int(size) == 0 or int(size) % 32:
-        raise _bad("size", size, "a positive multiple of 32 (YOLO's deepest stride)")
+        raise ValueError(f"clients={clients!r} is not allowed; must be a positive integer")
+    transfer_args = fedcv_transfer(args)
+    check_detection_args(args, IMAGE_SIZE, "a number > 0")
 
     num_clients = int(clients)
     config = detection_partition(
@@ -120,22 +95,8 @@ def get_config(arg=None):
         warmup_rounds=3,
     )
     config.algorithm.client.weight_decay = WEIGHT_DECAY
-
-    # Darknet-format data in the YOLO-txt layout; every key here can be set from the command line.
-    config.data.train_split = "train"
-    config.data.test_split = "val"
-    config.data.images_dir = "images"
-    config.data.labels_dir = "labels"
-    config.data.names_file = "data.yaml"
-    config.data.cache_dir = ""
-
+    # Darknet-format data in the YOLO-txt layout, class names from data.yaml.
+    yolo_txt_data(config, "train", "val", names_file="data.yaml")
     if "runlocal" in args:
-        set_rounds(config, 2, 2)
-        config.algorithm.clients_per_round = min(2, num_clients)
-        config.algorithm.batch_size = 2
-        config.algorithm.client.learning_rate = DETECTION_LR_PER_IMAGE * 2
-        config.eval.batch_size = 4
-        config.data.augmentation.image_size = (64, 64)
-        config.model.kwargs.update(TINY)
-
-    return transfer(config, {"mode": MODES[mode], "weights": weights})
+        yolo_runlocal(config, num_clients)
+    return transfer(config, transfer_args)

@@ -6,6 +6,7 @@ Keys marked "by name" hold "auto" and take the named algorithm's choice.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import pathlib
 
@@ -272,3 +273,65 @@ def detection_training(
     config.algorithm.client.lr_warmup_rounds = warmup_rounds
     config.eval.batch_size = 24
     return config
+
+
+# FedCV's training-mode names (§6.2-6.3) -> `transfer`'s.
+FEDCV_MODES = {"ft": "finetune", "fz": "frozen", "sfl": "scratch"}
+# `runlocal`'s shrunk YOLO: the same blocks, 8 channels each (the rounding floor), a third of the
+# depth; few distinct layer shapes, so it builds and compiles quickly on a CPU.
+TINY_YOLO = {"width_multiple": 1 / 128, "depth_multiple": 0.33}
+
+
+def _bad_arg(arg: str, value: str, allowed: str) -> ValueError:
+    return ValueError(f"{arg}={value!r} is not allowed; must be {allowed}")
+
+
+def fedcv_transfer(args: dict[str, str]) -> dict[str, str]:
+    """`transfer`'s args from FedCV's `mode=ft|fz|sfl` and `weights=<path>`, checked together."""
+    mode = args.get("mode", "sfl")
+    if mode not in FEDCV_MODES:
+        allowed = f"one of {', '.join(FEDCV_MODES)} (fine-tune, frozen, scratch)"
+        raise _bad_arg("mode", mode, allowed)
+    weights = args.get("weights", "")
+    if mode != "sfl" and not weights:
+        raise ValueError(f"mode={mode} needs weights=<path to a .npz of the model's weights>")
+    if mode == "sfl" and weights:
+        raise ValueError("weights=... is given with mode=sfl (scratch); use mode=ft or fz")
+    return {"mode": FEDCV_MODES[mode], "weights": weights}
+
+
+def check_detection_args(args: dict[str, str], default_size: int, alpha_allowed: str) -> None:
+    """`alpha=<float>` > 0 and `size=<int>` a positive multiple of 32, in one line each."""
+    if "alpha" in args:
+        try:
+            alpha = float(args["alpha"])
+        except ValueError:
+            alpha = math.nan
+        if not math.isfinite(alpha) or alpha <= 0:
+            raise _bad_arg("alpha", args["alpha"], alpha_allowed)
+    size = args.get("size", str(default_size))
+    if not size.isdigit() or int(size) == 0 or int(size) % 32:
+        raise _bad_arg("size", size, "a positive multiple of 32 (YOLO's deepest stride)")
+
+
+def yolo_txt_data(config, train_split: str, test_split: str, names_file: str) -> None:
+    """Data in Ultralytics' YOLO-txt layout at `data.root`; every key settable from the
+    command line (`names_file` "": COCO's 80 class names)."""
+    config.data.train_split = train_split
+    config.data.test_split = test_split
+    config.data.images_dir = "images"
+    config.data.labels_dir = "labels"
+    config.data.names_file = names_file
+    config.data.cache_dir = ""
+
+
+def yolo_runlocal(config, num_clients: int) -> None:
+    """A detection config's smoke test: 2 rounds at 64x64 of the shrunk model, 2 clients a
+    round, batch 2."""
+    set_rounds(config, 2, 2)
+    config.algorithm.clients_per_round = min(2, num_clients)
+    config.algorithm.batch_size = 2
+    config.algorithm.client.learning_rate = DETECTION_LR_PER_IMAGE * 2
+    config.eval.batch_size = 4
+    config.data.augmentation.image_size = (64, 64)
+    config.model.kwargs.update(TINY_YOLO)
