@@ -74,6 +74,44 @@ def base_config() -> ml_collections.ConfigDict:
     config.algorithm.server.b1 = 0.9
     config.algorithm.server.b2 = 0.99
     config.algorithm.server.eps = 1e-3
+    # The aggregation pipeline (algorithms/aggregation.py): an aggregator, optional norm
+    # bounding and DP-FedAvg; they compose with every algorithm.
+    config.algorithm.aggregator = ml_collections.ConfigDict()
+    # mean | median | trimmed_mean | krum | multi_krum | geometric_median (algorithms/robust.py)
+    config.algorithm.aggregator.name = "mean"
+    config.algorithm.aggregator.trim_fraction = 0.1  # trimmed_mean: cut from each end
+    config.algorithm.aggregator.num_byzantine = 0  # krum, multi_krum: f
+    config.algorithm.aggregator.num_selected = 0  # multi_krum: m; 0: n - f
+    config.algorithm.aggregator.num_iterations = 32  # geometric_median: Weiszfeld steps
+    config.algorithm.aggregator.norm_bound = 0.0  # > 0: each delta clipped to this L2 norm
+    config.algorithm.aggregator.adaptive_norm_bound = False  # the bound tracks norm_quantile
+    config.algorithm.aggregator.norm_quantile = 0.5
+    config.algorithm.dp = ml_collections.ConfigDict()  # DP-FedAvg (algorithms/privacy.py)
+    config.algorithm.dp.enabled = False
+    config.algorithm.dp.noise_multiplier = 1.0  # z: noise std z * clip_norm on the sum
+    config.algorithm.dp.clip_norm = 1.0  # C: each client's delta clipped to this L2 norm
+    config.algorithm.dp.target_delta = 1e-5  # train/dp_epsilon is reported at this delta
+    config.algorithm.dp.accountant = "rdp"  # rdp | pld
+    config.algorithm.dp.adaptive_clip = False  # C follows target_quantile (Andrew et al.)
+    config.algorithm.dp.target_quantile = 0.5
+    config.algorithm.dp.clip_learning_rate = 0.2
+    config.algorithm.dp.clipped_count_stddev = 0.0  # adaptive: 0 = clients_per_round / 20
+    # Simulated secure aggregation of the mean (algorithms/secure_aggregation.py): clients
+    # upload masked fixed-point deltas; the server decodes only their sum.
+    config.algorithm.secure_aggregation = ml_collections.ConfigDict()
+    config.algorithm.secure_aggregation.enabled = False
+    config.algorithm.secure_aggregation.frac_bits = 20  # fixed point: 2^-frac_bits steps
+
+    # Attacks by a fraction of each round's clients (algorithms/attacks.py)
+    config.attack = ml_collections.ConfigDict()
+    # none | sign_flip | scale | gaussian | label_flip | backdoor
+    config.attack.name = "none"
+    config.attack.fraction = 0.0
+    config.attack.scale = 10.0  # scale: the factor on the delta
+    config.attack.stddev = 1.0  # gaussian: the noise's standard deviation
+    config.attack.target_label = 0  # backdoor
+    config.attack.patch_size = 3  # backdoor: the trigger square's side in pixels
+    config.attack.poison_fraction = 0.5  # backdoor: the share of an attacker's examples
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "shapes"

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fedjax_cv import checkpointing, curves
+from fedjax_cv.algorithms.attacks import Attack, backdoor_test_batch, check_attack
 from fedjax_cv.algorithms.param_groups import frozen_fraction, head_rules
 from fedjax_cv.algorithms.registry import build_algorithm
 from fedjax_cv.checkpointing import CheckpointError
@@ -143,6 +144,11 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     if config.model.freeze == "backbone":
         share = frozen_fraction(params, param_rules)
         notes.append(f"model.freeze='backbone': {share:.1%} of the parameters are frozen")
+    attack = Attack(**config.attack.to_dict())
+    try:
+        check_attack(attack, dataset.num_classes, task.name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     algorithm = build_algorithm(
         config.algorithm,
         task.make_loss_fn(model),
@@ -150,6 +156,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         class_prior=_class_prior(config, dataset),
         metric_names=task.metric_names,
         param_rules=param_rules,
+        num_clients=len(dataset.clients),
+        attack=attack,
         mesh=client_mesh(),
     )
     try:
@@ -164,6 +172,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         batch_size=config.algorithm.batch_size,
         seed=config.seed,
         poisoned_clients=config.data.poisoned_clients,
+        attack=attack if attack.active else None,
         augmentation=config.data.augmentation,
         num_workers=config.data.num_workers,
     )
@@ -205,10 +214,31 @@ def evaluation_stats(experiment: Experiment, state) -> dict:
     return stats
 
 
+def backdoor_success(experiment: Experiment, state) -> dict[str, float]:
+    """With a backdoor attack, `eval/backdoor_success`: the share of the test images whose
+    label is not the target that the model assigns to the target once the trigger is stamped
+    (the task's accuracy on those images relabelled; see `fedjax_cv.algorithms.attacks`)."""
+    attack = Attack(**experiment.config.attack.to_dict())
+    if attack.name != "backdoor" or not attack.active:
+        return {}
+    stats = None
+    batches = test_batches(
+        experiment.dataset.test, experiment.config.eval.batch_size, experiment.eval_transform
+    )
+    for batch, mask in batches:
+        poisoned, keep = backdoor_test_batch(attack, batch, mask)
+        stats = experiment.task.merge(
+            stats, experiment.eval_fn(state.params, state.model_state, poisoned, keep)
+        )
+    return {"eval/backdoor_success": experiment.task.finalize(stats)["accuracy"]}
+
+
 def evaluate(experiment: Experiment, state) -> dict[str, float]:
     """`eval/<metric>` of `state` on the test split (the task's `finalize`)."""
     metrics = experiment.task.finalize(evaluation_stats(experiment, state))
-    return {f"eval/{key}": value for key, value in metrics.items()}
+    return {f"eval/{key}": value for key, value in metrics.items()} | backdoor_success(
+        experiment, state
+    )
 
 
 NUM_PICTURED = 8  # test images in each predictions picture
@@ -231,7 +261,8 @@ def evaluate_and_report(experiment: Experiment, state, workdir: pathlib.Path, co
         title=f"round {completed}: predicted / true",
     )
     pictures.save(figure, workdir / "predictions" / f"round_{completed:05d}.png")
-    return {f"eval/{key}": value for key, value in task.finalize(stats).items()}
+    metrics = {f"eval/{key}": value for key, value in task.finalize(stats).items()}
+    return metrics | backdoor_success(experiment, state)
 
 
 class TrainingError(RuntimeError):
@@ -530,6 +561,8 @@ def _run_rounds(experiment, state, start_round, manager, writer, workdir) -> dic
             train = _jsonable(jax.device_get(round_metrics))
             train["examples_per_s"] = train["num_examples"] / (time.perf_counter() - started)
             completed = round_index + 1
+            if experiment.algorithm.host_metrics is not None:
+                train.update(experiment.algorithm.host_metrics(completed))
             _check_finite(train, completed)
             record = {"round": completed}
             if completed % config.log_every_rounds == 0 or completed == num_rounds:

@@ -45,6 +45,9 @@ class ServerState:
     # Each client's own copy of its local values, leaves [num_clients, ...]; {} without any
     # (see fedjax_cv.algorithms.local_state).
     client_local: Any = struct.field(default_factory=dict)
+    # The aggregation stages' server-held state by stage name (adaptive clip norms); {} when
+    # none keeps any (see fedjax_cv.algorithms.aggregation).
+    aggregation: Any = struct.field(default_factory=dict)
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -56,6 +59,8 @@ class FederatedAlgorithm(NamedTuple):
       client k trains with `fold_in(rng, client_id_k)`.
     - `client_sampler` picks a round's clients and `example_sampler` the examples each client
       trains on; the input pipeline calls them to build the cohort.
+    - `host_metrics(rounds) -> dict`: what the host reports after that many rounds besides
+      the round's own metrics (DP's `dp_epsilon`); None when nothing.
     """
 
     init: Callable[..., ServerState]
@@ -63,3 +68,4 @@ class FederatedAlgorithm(NamedTuple):
     client_sampler: Any
     example_sampler: Any
     strategy: str
+    host_metrics: Callable[[int], dict[str, float]] | None = None

@@ -15,8 +15,15 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from fedjax_cv.algorithms.aggregation import MEAN, ClientView, Pipeline
 from fedjax_cv.algorithms.base import PerExampleLoss
-from fedjax_cv.algorithms.local_state import NO_LOCAL, ClientLocal, apply_local, kept_values
+from fedjax_cv.algorithms.local_state import (
+    NO_LOCAL,
+    ClientLocal,
+    apply_local,
+    kept_values,
+    stage_values,
+)
 from fedjax_cv.engine.cohort import ClientInfo
 from fedjax_cv.engine.strategies import ClientProgram
 
@@ -60,12 +67,17 @@ def objective_value(
 
 
 class RoundShared(NamedTuple):
-    """What every client of a round starts from: the server's values, and the factor of the
-    client learning rate this round (None: 1; see `fedjax_cv.algorithms.schedules`)."""
+    """What every client of a round starts from: the server's values, the factor of the
+    client learning rate this round (None: 1; see `fedjax_cv.algorithms.schedules`), the
+    aggregation stages' server-held state (clip norms; see `fedjax_cv.algorithms.aggregation`),
+    and under secure aggregation the cohort's identities for the pairwise masks (None: off;
+    see `fedjax_cv.algorithms.secure_aggregation`)."""
 
     params: Any
     model_state: Any
     lr_factor: jax.Array | None = None
+    aggregation: Any = None
+    secure_cohort: Any = None  # SecureCohort
 
 
 @struct.dataclass
@@ -79,12 +91,16 @@ class ClientState:
     loss_sum: jax.Array  # sum of per-example losses over real examples
     metric_sums: dict[str, jax.Array]
     num_trained: jax.Array  # real examples trained on
+    stage_own: Any = struct.field(default_factory=dict)  # the aggregation stages' own state
 
 
 class ClientContribution(NamedTuple):
-    """What one client adds to the round's sums (see `aggregate` in server.py)."""
+    """What one client adds to the round's sums (see `server_update` in server.py)."""
 
-    weighted_delta: Any  # weight * (client params - server params)
+    # weight * (the client's delta after the pipeline's client stages); None where the
+    # aggregator is robust and gets the deltas stacked instead; under secure aggregation its
+    # masked fixed-point encoding (a `SecureSum`).
+    weighted_delta: Any
     weighted_model_state: Any
     weight: jax.Array
     loss_sum: jax.Array
@@ -92,6 +108,7 @@ class ClientContribution(NamedTuple):
     num_trained: jax.Array
     num_clients: jax.Array
     num_nonfinite: jax.Array
+    stage_sums: dict[str, jax.Array] = {}  # the pipeline's client stages' sums
 
 
 def all_finite(tree) -> jax.Array:
@@ -106,12 +123,18 @@ def client_program(
     client_weight,
     metric_names: tuple[str, ...] = (),
     local: ClientLocal = NO_LOCAL,
+    pipeline: Pipeline = MEAN,
 ) -> ClientProgram:
     """Builds the one-client update.
 
     `client_weight(info)` is the client's aggregation weight; `metric_names` are the
     per-example metrics `loss_fn` reports, averaged over the examples trained on; `local` says
-    which values the client starts from its own copy of and hands back (FedBN).
+    which values the client starts from its own copy of and hands back (FedBN); `pipeline`'s
+    client stages transform the delta before it is weighted (linear aggregator) or handed
+    back stacked (robust aggregator).
+
+    `final` returns the contribution summed over the cohort and, stacked over the cohort,
+    `{'local': what the client keeps, 'upload': {'delta', 'weight'} for a robust aggregator}`.
     """
 
     def init(shared: RoundShared, info: ClientInfo, key, own):
@@ -130,6 +153,7 @@ def client_program(
             loss_sum=zero,
             metric_sums={name: zero for name in metric_names},
             num_trained=zero,
+            stage_own=stage_values(own),
         )
 
     def step(shared: RoundShared, state: ClientState, batch, mask):
@@ -174,10 +198,23 @@ def client_program(
         finite = all_finite(delta) & all_finite(state.model_state) & jnp.isfinite(state.loss_sum)
         real = info.num_examples > 0
         weight = jnp.where(finite & real, client_weight(info), 0.0).astype(jnp.float32)
+        delta, stage_own, stage_sums = pipeline.client(
+            shared.aggregation or {},
+            delta,
+            state.stage_own,
+            ClientView(info, state.rng, weight, state.steps),
+        )
         # NaN * 0 is NaN: zero the update itself, not just its weight.
-        safe = lambda tree: jax.tree.map(lambda x: jnp.where(finite, x, 0.0) * weight, tree)
+        unless_nonfinite = lambda tree: jax.tree.map(lambda x: jnp.where(finite, x, 0.0), tree)
+        safe = lambda tree: jax.tree.map(lambda x: x * weight, unless_nonfinite(tree))
+        upload = {}
+        if not pipeline.linear:
+            upload = {"delta": unless_nonfinite(delta), "weight": weight}
+        weighted_delta = safe(delta) if pipeline.linear else None
+        if pipeline.secure is not None:
+            weighted_delta = pipeline.secure.encode(weighted_delta, shared.secure_cohort, info)
         contribution = ClientContribution(
-            weighted_delta=safe(delta),
+            weighted_delta=weighted_delta,
             weighted_model_state=safe(state.model_state),
             weight=weight,
             loss_sum=jnp.where(finite, state.loss_sum, 0.0),
@@ -185,7 +222,9 @@ def client_program(
             num_trained=jnp.where(finite, state.num_trained, 0.0),
             num_clients=real.astype(jnp.float32),
             num_nonfinite=(real & ~finite).astype(jnp.float32),
+            stage_sums=stage_sums,
         )
-        return contribution, kept_values(local, state.params, state.model_state, finite & real)
+        kept = kept_values(local, state.params, state.model_state, finite & real, stage_own)
+        return contribution, {"local": kept, "upload": upload}
 
     return ClientProgram(init=init, step=step, final=final)

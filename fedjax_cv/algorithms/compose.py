@@ -16,11 +16,13 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_cv.algorithms import sampling
+from fedjax_cv.algorithms.aggregation import Pipeline, server_key
 from fedjax_cv.algorithms.base import FederatedAlgorithm, PerExampleLoss
 from fedjax_cv.algorithms.client import ClientObjective, RoundShared, client_program
 from fedjax_cv.algorithms.local_state import FEDBN, NO_LOCAL, ClientLocal, gather, scatter
 from fedjax_cv.algorithms.param_groups import Rule, scale_by_multipliers
 from fedjax_cv.algorithms.sampling import ClientSampler, ExampleSampler
+from fedjax_cv.algorithms.secure_aggregation import secure_cohort
 from fedjax_cv.algorithms.schedules import RoundSchedule
 from fedjax_cv.algorithms.server import (
     aggregation_weight,
@@ -70,6 +72,8 @@ def federated_algorithm(
     lr_multipliers: Sequence[Rule] = (),
     lr_schedule: RoundSchedule | None = None,
     local: ClientLocal = NO_LOCAL,
+    pipeline: Pipeline | None = None,
+    host_metrics=None,
     strategy: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
     unroll: int | bool | None = None,
@@ -81,7 +85,11 @@ def federated_algorithm(
     `fedjax_cv.algorithms.param_groups`); `lr_schedule(round)` multiplies them by a factor
     that changes over rounds, reported as `lr_factor` (see `fedjax_cv.algorithms.schedules`).
     `local` names the values each client keeps across
-    rounds (FedBN; see `fedjax_cv.algorithms.local_state`). `strategy` picks how clients
+    rounds (FedBN; see `fedjax_cv.algorithms.local_state`). `pipeline` holds the aggregation
+    stages between the client deltas and the server optimizer (robust aggregators, DP,
+    attacks; see `fedjax_cv.algorithms.aggregation`; default: the `aggregation` mean);
+    `host_metrics(rounds)` adds host-side numbers to the log (DP's epsilon).
+    `strategy` picks how clients
     execute ('auto', 'vmap', 'sequential', 'host'; see `fedjax_cv.engine.strategies`); with a
     `mesh` the client axis is sharded over its `clients` axis. `unroll` sets how many local
     steps the compiled round unrolls (None: see `fedjax_cv.engine.strategies.default_unroll`).
@@ -94,6 +102,12 @@ def federated_algorithm(
             f"algorithm.client.proximal_mu={objective.proximal_mu!r} is not allowed; must be >= 0"
         )
     resolve_strategy(strategy, {})  # rejects an unknown name now, not at the first round
+    pipeline = pipeline or Pipeline()
+    if pipeline.secure is not None and not pipeline.linear:
+        raise ValueError(
+            f"secure aggregation needs the linear aggregator (mean), not "
+            f"{pipeline.aggregator.name!r}: it protects a sum, robust aggregators see each delta"
+        )
     client_optimizer = scale_by_multipliers(client_optimizer, lr_multipliers)
     program = client_program(
         loss_fn,
@@ -102,24 +116,40 @@ def federated_algorithm(
         aggregation_weight(aggregation),
         metric_names,
         local,
+        pipeline,
     )
     donate_argnums = (0,) if donate else ()
 
     def shared_values(state) -> RoundShared:
         factor = None if lr_schedule is None else lr_schedule(state.round)
-        return RoundShared(state.params, state.model_state, factor)
+        return RoundShared(state.params, state.model_state, factor, state.aggregation)
 
-    def update(state, total, clients, kept):
+    def round_shared(state, clients, rng) -> RoundShared:
+        """`shared_values` and, under secure aggregation, every client's identity (replicated
+        on every device, so each client finds its pairs) with the round's mask key."""
+        shared = shared_values(state)
+        if pipeline.secure is None:
+            return shared
+        return shared._replace(secure_cohort=secure_cohort(rng, clients))
+
+    def update(state, total, clients, kept, rng):
         factor = shared_values(state).lr_factor
-        state, metrics = server_update(server_optimizer, state, total)
-        store = scatter(state.client_local, clients.client_id, kept, clients.occurrence)
+        state, metrics = server_update(
+            server_optimizer,
+            state,
+            total,
+            pipeline=pipeline,
+            upload=kept["upload"],
+            key=server_key(rng),
+        )
+        store = scatter(state.client_local, clients.client_id, kept["local"], clients.occurrence)
         if factor is not None:
             metrics["lr_factor"] = factor
         return state.replace(client_local=store), metrics
 
     def compiled_round(strategy_name, gate_steps):
         def round_fn(state, cohort, rng):
-            shared = shared_values(state)
+            shared = round_shared(state, cohort.clients, rng)
             ids = cohort.clients.client_id
             total, kept = sum_over_clients(
                 program,
@@ -132,7 +162,7 @@ def federated_algorithm(
                 local=gather(state.client_local, ids),
                 gate_steps=gate_steps,
             )
-            return update(state, total, cohort.clients, kept)
+            return update(state, total, cohort.clients, kept, rng)
 
         return jax.jit(round_fn, donate_argnums=donate_argnums)
 
@@ -144,8 +174,8 @@ def federated_algorithm(
         def round_fn(state, cohort, rng):
             ids = cohort.clients.client_id
             own = jitted_gather(state.client_local, ids)
-            total, kept = loop(shared_values(state), cohort, rng, own)
-            return jitted_update(state, total, cohort.clients, kept)
+            total, kept = loop(round_shared(state, cohort.clients, rng), cohort, rng, own)
+            return jitted_update(state, total, cohort.clients, kept, rng)
 
         return round_fn
 
@@ -166,7 +196,9 @@ def federated_algorithm(
         return rounds[key](state, cohort, rng)
 
     def init(params, model_state=None, num_clients: int = 0):
-        state = server_init(server_optimizer, params, model_state, num_clients, local=local)
+        state = server_init(
+            server_optimizer, params, model_state, num_clients, local=local, pipeline=pipeline
+        )
         if mesh is not None:
             # Where a sharded round leaves its output: placed there from the start, the second
             # round reuses the first round's executable instead of compiling one for it.
@@ -179,6 +211,7 @@ def federated_algorithm(
         client_sampler=client_sampler or sampling.uniform_clients(),
         example_sampler=example_sampler or sampling.local_epochs(1),
         strategy=strategy,
+        host_metrics=host_metrics,
     )
 
 

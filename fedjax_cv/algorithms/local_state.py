@@ -81,18 +81,31 @@ def local_values(spec: ClientLocal, params, model_state) -> dict:
 
 def apply_local(params, model_state, local: dict):
     """The client's starting point: the server's values overlaid with its own."""
-    if not local:
+    if "params" not in local:
         return params, model_state
     own_state = local["model_state"]
     return overlay(params, local["params"]), (own_state if own_state else model_state)
 
 
-def init_store(spec: ClientLocal, params, model_state, num_clients: int) -> dict:
-    """Every client's copy of its local values, all starting from the initial ones."""
+def stage_values(local: dict) -> dict:
+    """A client's own state of the aggregation stages (error-feedback residuals), by stage."""
+    return local.get("stages", {})
+
+
+def init_store(
+    spec: ClientLocal, params, model_state, num_clients: int, stages: dict | None = None
+) -> dict:
+    """Every client's copy of its local values, all starting from the initial ones.
+
+    `stages`: one client's initial own state of the aggregation stages that keep one
+    (`fedjax_cv.algorithms.aggregation.Pipeline.local_init`), stored under 'stages'.
+    """
     values = local_values(spec, params, model_state)
-    if not spec.enabled:
+    if stages:
+        values = {**values, "stages": stages}
+    if not values:
         return values
-    if not jax.tree.leaves(values):
+    if spec.enabled and not jax.tree.leaves(local_values(spec, params, model_state)):
         raise ValueError(
             f"client-local state (params regex {spec.params!r}, model_state={spec.model_state})"
             " matches nothing in this model: algorithm.local_params / algorithm.batch_stats need"
@@ -139,8 +152,13 @@ def scatter(
     return jax.tree.map(lambda s, v: s.at[rows].set(v, mode="drop"), store, kept["values"])
 
 
-def kept_values(spec: ClientLocal, params, model_state, write: jax.Array) -> dict[str, Any]:
+def kept_values(
+    spec: ClientLocal, params, model_state, write: jax.Array, stages: dict | None = None
+) -> dict[str, Any]:
     """What a client hands back at the end of its round (`{}` without local state)."""
-    if not spec.enabled:
+    values = local_values(spec, params, model_state)
+    if stages:
+        values = {**values, "stages": stages}
+    if not values:
         return {}
-    return {"values": local_values(spec, params, model_state), "write": write}
+    return {"values": values, "write": write}

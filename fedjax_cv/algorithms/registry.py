@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_cv.algorithms import sampling
+from fedjax_cv.algorithms import aggregation, privacy, robust, sampling
+from fedjax_cv.algorithms.secure_aggregation import SecureAggregation, check_frac_bits
+from fedjax_cv.algorithms.attacks import Attack, attack_stage
 from fedjax_cv.algorithms.base import FederatedAlgorithm, PerExampleLoss
 from fedjax_cv.algorithms.client import ClientObjective
 from fedjax_cv.algorithms.compose import client_sgd, federated_algorithm
@@ -64,6 +66,142 @@ def check_algorithm_config(config) -> None:
             f"algorithm.server.optimizer={config.server.optimizer!r} is not allowed with fedopt; "
             "allowed: adam, yogi, adagrad"
         )
+    check_aggregation_config(config)
+
+
+def aggregator_options(config) -> robust.AggregatorOptions:
+    aggregator = config.aggregator
+    return robust.AggregatorOptions(
+        trim_fraction=aggregator.trim_fraction,
+        num_byzantine=aggregator.num_byzantine,
+        num_selected=aggregator.num_selected or None,
+        num_iterations=aggregator.num_iterations,
+    )
+
+
+def check_aggregation_config(config) -> None:
+    """The `algorithm.aggregator` and `algorithm.dp` sections; one line naming the field."""
+    aggregator = config.aggregator
+    robust.get_aggregator(aggregator.name, aggregator_options(config), config.clients_per_round)
+    if aggregator.norm_bound < 0:
+        raise ValueError(
+            f"algorithm.aggregator.norm_bound={aggregator.norm_bound!r} is not allowed; must be "
+            ">= 0 (0: no bound)"
+        )
+    if aggregator.adaptive_norm_bound and not aggregator.norm_bound > 0:
+        raise ValueError(
+            "algorithm.aggregator.adaptive_norm_bound needs algorithm.aggregator.norm_bound > 0 "
+            "(its initial value)"
+        )
+    check_secure_aggregation_config(config)
+    dp = config.dp
+    if not dp.enabled:
+        return
+    privacy.check_dp(dp.noise_multiplier, dp.clip_norm, dp.target_delta)
+    privacy._check_choices(dp.accountant, "fixed")
+    if dp.accountant == "pld":
+        raise ValueError(
+            "algorithm.dp.accountant='pld' is not allowed: rounds draw a fixed number of clients "
+            "without replacement, which dp-accounting's PLD does not cover; use 'rdp'"
+        )
+    if _by_name(config.aggregation, "mean") != "mean":
+        raise ValueError(
+            f"algorithm.aggregation={config.aggregation!r} is not allowed with "
+            "algorithm.dp.enabled; DP-FedAvg weighs every client alike: use 'mean' or 'auto'"
+        )
+    if _client_sampling(config) != "uniform":
+        raise ValueError(
+            f"algorithm.client_sampling={_client_sampling(config)!r} is not allowed with "
+            "algorithm.dp.enabled; the accountant assumes clients drawn uniformly without "
+            "replacement: use 'uniform'"
+        )
+    _dp_stage(config)  # the adaptive-clipping checks
+
+
+def check_secure_aggregation_config(config) -> None:
+    """`algorithm.secure_aggregation`: a fixed-point precision, and only over the mean."""
+    secure = getattr(config, "secure_aggregation", None)  # absent from older saved configs
+    if secure is None or not secure.enabled:
+        return
+    check_frac_bits(secure.frac_bits)
+    if config.aggregator.name != "mean":
+        raise ValueError(
+            f"algorithm.aggregator.name={config.aggregator.name!r} is not allowed with "
+            "algorithm.secure_aggregation.enabled; secure aggregation reveals only the sum, "
+            "which a robust aggregator cannot use: use 'mean'"
+        )
+
+
+def _client_sampling(config) -> str:
+    return _by_name(
+        config.client_sampling, "size_proportional" if config.virtual_client_size > 0 else "uniform"
+    )
+
+
+def _dp_stage(config) -> aggregation.Stage:
+    dp = config.dp
+    count_stddev = dp.clipped_count_stddev or config.clients_per_round / 20
+    return aggregation.dp_gaussian(
+        dp.noise_multiplier,
+        dp.clip_norm,
+        adaptive=dp.adaptive_clip,
+        target_quantile=dp.target_quantile,
+        clip_learning_rate=dp.clip_learning_rate,
+        clipped_count_stddev=count_stddev,
+        expected_clients=config.clients_per_round,
+    )
+
+
+def build_pipeline(config, attack: Attack | None = None) -> aggregation.Pipeline:
+    """The aggregation pipeline `config.algorithm` describes, after the `attack`'s stage: an
+    attacker corrupts its own delta before any server-side defence sees it."""
+    stages = []
+    if attack is not None and attack.active:
+        stages.append(attack_stage(attack))
+    bound = config.aggregator
+    if bound.norm_bound > 0:
+        if bound.adaptive_norm_bound:
+            stages.append(aggregation.adaptive_norm_bound(bound.norm_bound, bound.norm_quantile))
+        else:
+            stages.append(aggregation.norm_bound(bound.norm_bound))
+    if config.dp.enabled:
+        stages.append(_dp_stage(config))
+    return aggregation.Pipeline(
+        stages=tuple(stages),
+        aggregator=robust.get_aggregator(
+            config.aggregator.name, aggregator_options(config), config.clients_per_round
+        ),
+        denominator=float(config.clients_per_round) if config.dp.enabled else None,
+        secure=_secure(config),
+    )
+
+
+def _secure(config) -> SecureAggregation | None:
+    secure = getattr(config, "secure_aggregation", None)
+    return SecureAggregation(secure.frac_bits) if secure is not None and secure.enabled else None
+
+
+def dp_accountant(config, num_clients: int):
+    """`host_metrics` reporting `dp_epsilon` after r rounds (dp-accounting, fixed-size
+    sampling of `clients_per_round` of `num_clients`), or None without DP."""
+    dp = config.dp
+    if not dp.enabled:
+        return None
+
+    def report(rounds: int) -> dict[str, float]:
+        return {
+            "dp_epsilon": privacy.epsilon(
+                dp.noise_multiplier,
+                rounds=int(rounds),
+                target_delta=dp.target_delta,
+                clients_per_round=config.clients_per_round,
+                num_clients=num_clients,
+                accountant=dp.accountant,
+                sampling="fixed",
+            )
+        }
+
+    return report
 
 
 def _by_name(value: str, default: str) -> str:
@@ -98,6 +236,8 @@ def build_algorithm(
     class_prior: np.ndarray | None = None,
     metric_names: tuple[str, ...] = (),
     param_rules: tuple[Rule, ...] = (),
+    num_clients: int | None = None,
+    attack: Attack | None = None,
     mesh: Any = None,
     donate: bool = True,
 ) -> FederatedAlgorithm:
@@ -105,7 +245,9 @@ def build_algorithm(
 
     `param_rules` come before the rules of `config.client.lr_multipliers` (a frozen backbone
     is such a rule, made where the model is known); `num_rounds` is the length of the run a
-    learning-rate schedule decays over (`config.client.lr_schedule`).
+    learning-rate schedule decays over (`config.client.lr_schedule`); `num_clients` is the
+    population DP's accountant samples from (needed with `config.dp.enabled`); `attack` adds
+    its stage to the aggregation pipeline.
     """
     check_algorithm_config(config)
     rules = tuple(param_rules) + parse_multipliers(config.client.lr_multipliers)
@@ -114,9 +256,7 @@ def build_algorithm(
         example_sampler = sampling.virtual_client(config.virtual_client_size)
     else:
         example_sampler = sampling.local_epochs(config.local_epochs)
-    client_sampling = _by_name(
-        config.client_sampling, "size_proportional" if virtual else "uniform"
-    )
+    client_sampling = _client_sampling(config)
     samplers = {
         "uniform": sampling.uniform_clients,
         "size_proportional": sampling.size_proportional_clients,
@@ -148,14 +288,24 @@ def build_algorithm(
             eps=server.eps,
         ),
         objective=objective,
-        aggregation=_by_name(config.aggregation, "mean" if virtual else "weighted"),
+        aggregation=_by_name(
+            config.aggregation, "mean" if virtual or config.dp.enabled else "weighted"
+        ),
         client_sampler=samplers[client_sampling](),
         example_sampler=example_sampler,
         metric_names=metric_names,
         lr_multipliers=rules,
         lr_schedule=lr_schedule(config, num_rounds),
         local=client_local(config),
+        pipeline=build_pipeline(config, attack),
+        host_metrics=_accountant_for(config, num_clients),
         strategy=config.strategy,
         mesh=mesh,
         donate=donate,
     )
+
+
+def _accountant_for(config, num_clients: int | None):
+    if config.dp.enabled and num_clients is None:
+        raise ValueError("algorithm.dp.enabled needs build_algorithm(..., num_clients=N)")
+    return dp_accountant(config, num_clients)

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fedjax_cv.algorithms.attacks import Attack, choose_attackers, poison_examples
 from fedjax_cv.algorithms.sampling import ClientSampler, ExampleSampler, num_steps
 from fedjax_cv.data.federated import FederatedDataset
 from fedjax_cv.engine.cohort import ClientInfo, Cohort
@@ -72,6 +73,9 @@ class CohortBuilder:
     seed: int
     # Fault injection for tests of non-finite handling: clients 0 .. n-1 train on NaN images.
     poisoned_clients: int = 0
+    # Attacks by a fraction of each round's clients (fedjax_cv.algorithms.attacks): the host
+    # picks them from (seed, round), poisons their data and flags them in `ClientInfo`.
+    attack: Attack | None = None
 
     @property
     def num_steps(self) -> int:
@@ -113,12 +117,17 @@ class CohortBuilder:
         ids = layout.client_ids
         if self.poisoned_clients:
             examples["image"][ids < self.poisoned_clients] = np.nan
+        attacker = None
+        if self.attack is not None and self.attack.active:
+            attacker = choose_attackers(self.attack, self.seed, round_index, len(ids))
+            examples = poison_examples(self.attack, examples, attacker, self.dataset.num_classes)
         shape = (len(ids), self.num_steps, self.batch_size)
         info = ClientInfo(
             client_id=ids.astype(np.int32),
             occurrence=layout.occurrence,
             num_examples=self.dataset.client_sizes[ids].astype(np.float32),
             label_counts=self.dataset.label_histograms[ids].astype(np.float32),
+            attacker=attacker,
         )
         return Cohort(
             examples={k: v.reshape(shape + v.shape[2:]) for k, v in examples.items()},

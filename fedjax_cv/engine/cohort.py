@@ -26,6 +26,9 @@ class ClientInfo:
     # float32 [num_classes]: the client's label counts over its train examples (images for
     # classification, pixels for masks, boxes for detection), FedIR's q_k.
     label_counts: Array
+    # bool: whether the client attacks this round (fedjax_cv.algorithms.attacks); None
+    # without an attack.
+    attacker: Array | None = None
 
 
 @struct.dataclass
