@@ -248,12 +248,15 @@ def save(
             if in_flight is not None:
                 in_flight()
             manager.wait_until_finished()
-        if (root / str(step)).is_dir():
+        # orbax has every process write its shards and process 0 finish the folder; the
+        # files' digests are process 0's too.
+        if (root / str(step)).is_dir() and jax.process_index() == 0:
             _write_file_digests(root / str(step))
     except Exception as error:  # any failure of a save is said in one line
-        remove_unfinished(root.parent)
-        if (root / str(step)).exists():  # renamed, but not all of it written
-            set_aside(root.parent, step)
+        if jax.process_index() == 0:
+            remove_unfinished(root.parent)
+            if (root / str(step)).exists():  # renamed, but not all of it written
+                set_aside(root.parent, step)
         raise CheckpointError(
             f"cannot save checkpoint {step} in {root}: {_root_cause(error)}"
         ) from error

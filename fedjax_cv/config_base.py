@@ -1,6 +1,7 @@
 """The base of every training config: all keys, with defaults. Experiments override it.
 
-Keys marked "by name" hold "auto" and take the named algorithm's choice.
+Keys marked "by name" hold "auto" (or None, for numbers) and take the named algorithm's choice:
+the defaults of its preset in fedjax_cv.algorithms.compose.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ def default_data_root() -> str:
     if env:
         return env
     return str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+def by_name() -> ml_collections.FieldReference:
+    """A number left to the algorithm's preset: None until set (a float from the command
+    line or a config file)."""
+    return ml_collections.config_dict.placeholder(float)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -57,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.algorithm.client.learning_rate = 0.05
     config.algorithm.client.momentum = 0.0
     config.algorithm.client.weight_decay = 0.0
-    config.algorithm.client.proximal_mu = 0.0
+    config.algorithm.client.proximal_mu = by_name()  # fedprox: 0.01, others 0 (FedProx's term)
     # learning rate over rounds (algorithms/schedules.py): constant | poly | linear, times a
     # linear warm-up over the first lr_warmup_rounds rounds
     config.algorithm.client.lr_schedule = "constant"
@@ -69,11 +76,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.algorithm.client.lr_multipliers = ()
     config.algorithm.server = ml_collections.ConfigDict()
     config.algorithm.server.optimizer = "auto"  # by name: sgd | adam | yogi | adagrad
-    config.algorithm.server.learning_rate = 1.0
-    config.algorithm.server.momentum = 0.0
+    config.algorithm.server.learning_rate = by_name()  # fedopt: 0.01, others 1.0
+    config.algorithm.server.momentum = by_name()  # fedavgm: 0.9, others 0.0
     config.algorithm.server.b1 = 0.9
     config.algorithm.server.b2 = 0.99
-    config.algorithm.server.eps = 1e-3
+    config.algorithm.server.eps = 1e-3  # FedOpt's adaptivity tau
+    # optax: optax's adam/yogi/adagrad; paper: Reddi et al. 2021's Algorithm 2 (no bias
+    # correction, tau outside the square root; algorithms/server.py)
+    config.algorithm.server.variant = "optax"
     # The aggregation pipeline (algorithms/aggregation.py): an aggregator, optional norm
     # bounding and DP-FedAvg; they compose with every algorithm.
     config.algorithm.aggregator = ml_collections.ConfigDict()
@@ -96,6 +106,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.algorithm.dp.target_quantile = 0.5
     config.algorithm.dp.clip_learning_rate = 0.2
     config.algorithm.dp.clipped_count_stddev = 0.0  # adaptive: 0 = clients_per_round / 20
+    # What clients upload (algorithms/compression.py), after clipping; train/upload_bytes
+    # reports the bytes uploaded whatever the name.
+    config.algorithm.compression = ml_collections.ConfigDict()
+    config.algorithm.compression.name = "none"  # none | quantization | top_k | layer_selection
+    config.algorithm.compression.bits = 8  # quantization: bits a coordinate, in [1, 32]
+    config.algorithm.compression.fraction = 0.1  # top_k: coordinates; layer_selection: leaves
     # Simulated secure aggregation of the mean (algorithms/secure_aggregation.py): clients
     # upload masked fixed-point deltas; the server decodes only their sum.
     config.algorithm.secure_aggregation = ml_collections.ConfigDict()

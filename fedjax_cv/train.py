@@ -37,6 +37,7 @@ from fedjax_cv.data.cohort import test_batches
 from fedjax_cv.data.federated import FederatedDataset
 from fedjax_cv.data.pipeline import GrainCohortBuilder
 from fedjax_cv.data.registry import build_dataset, partition_params
+from fedjax_cv.engine import hosts
 from fedjax_cv.engine.strategies import client_mesh
 from fedjax_cv.models import get_model
 from fedjax_cv.models.weights import LoadReport, WeightsError, head_modules, load_pretrained
@@ -88,6 +89,29 @@ def _class_prior(config, dataset: FederatedDataset) -> np.ndarray:
     return prior
 
 
+# XLA's algebraic simplifier folds a chain of constant factors into one ((x * sqrt 2) * std ->
+# x * (sqrt 2 * std) in `jax.random.normal` under an initialiser's scale), which moves a kernel
+# by an ulp; without it the compiled init gives the params of an op-by-op init bit for bit.
+_INIT_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "algsimp"}
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_init(model):
+    """`model.init` as one compiled computation instead of a dispatch (and a small compile) per
+    initialiser, the same random bits and arithmetic; kept for an equal model built again."""
+    return jax.jit(
+        functools.partial(model.init, train=False), compiler_options=_INIT_COMPILER_OPTIONS
+    )
+
+
+def _init_variables(model, key, sample) -> dict:
+    try:
+        init = _compiled_init(model)
+    except TypeError:  # a model with an unhashable field cannot be kept
+        init = _compiled_init.__wrapped__(model)
+    return init(key, sample)
+
+
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     """Validates `config` and builds the run; raises ConfigError / ValueError on bad input."""
     validate_config(config)
@@ -126,7 +150,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         )
     except ValueError as error:
         raise ConfigError(f"{error} (data.name={config.data.name!r} is {task.name} data)") from None
-    variables = model.init(init_key, sample, train=False)
+    variables = _init_variables(model, init_key, sample)
     notes, report = [], None
     if config.model.weights:
         try:
@@ -202,11 +226,24 @@ def partition_record(experiment: Experiment):
 
 
 def evaluation_stats(experiment: Experiment, state) -> dict:
-    """The task's evaluation statistics of `state` on the whole test split, summed."""
+    """The task's evaluation statistics of `state` on the whole test split, summed.
+
+    With several processes each evaluates every process_count-th batch with its own copy of
+    the state, and the batches' statistics are merged in batch order on every process: the
+    same sums as one process evaluating them all."""
     stats = None
     batches = test_batches(
         experiment.dataset.test, experiment.config.eval.batch_size, experiment.eval_transform
     )
+    if hosts.is_multiprocess():
+        local = hosts.process_local(state)
+        mine = [
+            (i, jax.device_get(experiment.eval_fn(local.params, local.model_state, *batch)))
+            for i, batch in hosts.my_share(batches)
+        ]
+        for batch_stats in hosts.gather_in_order(mine):
+            stats = experiment.task.merge(stats, batch_stats)
+        return stats
     for batch, mask in batches:
         stats = experiment.task.merge(
             stats, experiment.eval_fn(state.params, state.model_state, batch, mask)
@@ -249,7 +286,10 @@ def evaluate_and_report(experiment: Experiment, state, workdir: pathlib.Path, co
     (`eval_details.json`, the latest evaluation) and a picture of predictions on the first
     test images (`predictions/round_<r>.png`)."""
     task = experiment.task
-    stats = evaluation_stats(experiment, state)
+    stats = evaluation_stats(experiment, state)  # every process takes part
+    if not hosts.is_writer():
+        return {}
+    state = hosts.process_local(state)  # what follows runs on process 0 alone
     details = {"round": completed, **task.details(stats, experiment.dataset.class_names)}
     (workdir / "eval_details.json").write_text(json.dumps(details, indent=1) + "\n")
     batch, _ = next(test_batches(experiment.dataset.test, NUM_PICTURED, experiment.eval_transform))
@@ -287,6 +327,7 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
+        os.fsync(self._file.fileno())  # on disk before the round's checkpoint, even on power loss
 
     def rewind(self, last_round: int) -> None:
         """Drops the lines past `last_round` (after a failed save: no line may claim what no
@@ -333,6 +374,24 @@ def read_metrics_lines(path: pathlib.Path) -> tuple[list[str], list[int]]:
     return lines, unreadable
 
 
+def _resume_step_for_cut_metrics(workdir: pathlib.Path) -> int | None:
+    """When metrics.jsonl ends in a line cut short and a checkpoint is newer than its last whole
+    line (a crash kept the checkpoint but not the line), the newest checkpoint at or before that
+    line, so that the resume writes the lost rounds again (0: from the start); else None."""
+    path = workdir / "metrics.jsonl"
+    if not path.is_file() or not _ends_cut(path):
+        return None
+    lines, _ = read_metrics_lines(path)
+    last = max((_round_of(line) for line in lines), default=0)
+    kept = checkpointing.steps(workdir)
+    if not kept or max(kept) <= last:
+        return None
+    step = max((s for s in kept if s <= last), default=0)
+    start = f"checkpoint {step}" if step else "the start"
+    _note(f"{path}: its last line is cut short after round {last}; resuming from {start}")
+    return step
+
+
 def _ends_cut(path: pathlib.Path) -> bool:
     with open(path, "rb") as file:
         file.seek(0, os.SEEK_END)
@@ -349,8 +408,10 @@ def _note_unreadable(path: pathlib.Path, unreadable: list[int], done: str) -> No
 
 
 def _note(text: str) -> None:
-    """One line for the user on stderr, above the progress bar when one is drawn."""
-    tqdm.write(text, file=sys.stderr)
+    """One line for the user on stderr, above the progress bar when one is drawn (process 0's
+    only: the others would repeat it)."""
+    if hosts.is_writer():
+        tqdm.write(text, file=sys.stderr)
 
 
 class _StopRequest:
@@ -423,7 +484,9 @@ def _check_resumable(
                         manager, step, state, record
                     )
                 except checkpointing.Damaged as why:
-                    moved = checkpointing.set_aside(workdir, step)
+                    moved = hosts.writer_only(
+                        functools.partial(checkpointing.set_aside, workdir, step)
+                    )
                     _note(f"skipped checkpoint {step} of {workdir}: {why}; moved it to {moved}")
                     continue
                 if difference:
@@ -434,7 +497,7 @@ def _check_resumable(
             manager.close()
     for step in kept:
         if resume_step is not None and step > resume_step:
-            moved = checkpointing.set_aside(workdir, step)
+            moved = hosts.writer_only(functools.partial(checkpointing.set_aside, workdir, step))
             _note(f"set aside checkpoint {step} (after resume_step={resume_step}) in {moved}")
     return found, state
 
@@ -470,22 +533,43 @@ def train_and_evaluate(
     workdir_path = pathlib.Path(workdir)
     check_workdir(workdir_path)
     lock = WorkdirLock(workdir_path)
-    lock.acquire()  # one writer: a second run is refused before it builds anything
-    try:
-        experiment = build_experiment(config)  # input errors surface here, before any write
-    except BaseException:
-        lock.release(discard=True)  # a workdir made for this run goes again
-        raise
+    # One writer (process 0 of a multi-process run): a second run is refused before it builds
+    # anything. Each step ends with every process saying whether it got through, before the
+    # next step's collectives (placing the initial state), so all stop together.
+    _in_step(lambda: hosts.writer_only(lock.acquire), lock)
+    experiment = _in_step(lambda: build_experiment(config), lock, discard=True)
     try:
         return _train_in(experiment, workdir_path, resume_step)
     finally:
         lock.release()
 
 
+def _in_step(step, lock: WorkdirLock, *, discard: bool = False):
+    """`step()`, which every process runs; when it fails on some process, every process
+    raises (the others a ConfigError naming the process and its reason), releasing `lock`
+    (`discard`: a workdir made for this run goes again)."""
+    try:
+        result = step()
+    except BaseException as error:
+        if discard:
+            lock.release(discard=True)
+        if isinstance(error, Exception):
+            hosts.agree(str(error))
+        raise
+    refusal = hosts.agree(None)
+    if refusal is not None:
+        lock.release(discard=True)
+        raise ConfigError(refusal)
+    return result
+
+
 def _train_in(experiment: Experiment, workdir_path: pathlib.Path, resume_step: int | None):
     """train_and_evaluate in a workdir this process holds."""
     config = experiment.config
+    if resume_step is None:
+        resume_step = _resume_step_for_cut_metrics(workdir_path)
     found, state = _check_resumable(experiment, workdir_path, resume_step)
+    hosts.sync("fedjax_cv_resume_decided")  # process 0 has set aside what it had to
     metrics_path = workdir_path / "metrics.jsonl"
     num_rounds = config.num_rounds
     if found is not None and found >= num_rounds and metrics_path.exists():
@@ -493,20 +577,13 @@ def _train_in(experiment: Experiment, workdir_path: pathlib.Path, resume_step: i
         _note_unreadable(metrics_path, unreadable, "left alone")
         return json.loads(lines[-1]) if lines else {"round": found}
 
-    config_json = workdir_path / "config.json"
-    if not config_json.exists():
-        config_json.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    if not (workdir_path / "partition.json").exists():
-        partition_record(experiment).save(workdir_path / "partition.json")
-    if experiment.weights_report is not None and found is None:
-        (workdir_path / "weights_report.txt").write_text(experiment.weights_report.summary() + "\n")
-    if found is None:
-        for note in experiment.notes:
-            tqdm.write(note)
-    checkpointing.remove_unfinished(workdir_path)
+    if hosts.is_writer():
+        _write_run_files(experiment, workdir_path, found)
+        checkpointing.remove_unfinished(workdir_path)
+    hosts.sync("fedjax_cv_workdir_ready")
     manager = checkpointing.manager(workdir_path, config.checkpoint.keep)
     start_round = found or 0
-    writer = MetricsWriter(metrics_path, start_round)
+    writer = MetricsWriter(metrics_path, start_round) if hosts.is_writer() else _NoMetrics()
     failed = True
     try:
         record = _run_rounds(experiment, state, start_round, manager, writer, workdir_path)
@@ -523,12 +600,57 @@ def _train_in(experiment: Experiment, workdir_path: pathlib.Path, resume_step: i
         except Exception:  # a failed save fails close() again; it was said once already
             if not failed:
                 raise
-    curves.plot_learning_curves(
-        metrics_path,
-        workdir_path / "learning_curves.png",
-        score_keys=_score_keys(experiment.task),
-    )
+    if hosts.is_writer():
+        curves.plot_learning_curves(
+            metrics_path,
+            workdir_path / "learning_curves.png",
+            score_keys=_score_keys(experiment.task),
+        )
     return record
+
+
+def _write_run_files(experiment: Experiment, workdir_path: pathlib.Path, found: int | None):
+    """config.json, partition.json and the weights report, when not there yet (process 0)."""
+    config = experiment.config
+    config_json = workdir_path / "config.json"
+    if not config_json.exists():
+        config_json.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    if not (workdir_path / "partition.json").exists():
+        partition_record(experiment).save(workdir_path / "partition.json")
+    if experiment.weights_report is not None and found is None:
+        (workdir_path / "weights_report.txt").write_text(experiment.weights_report.summary() + "\n")
+    if found is None:
+        for note in experiment.notes:
+            tqdm.write(note)
+
+
+class _NoMetrics:
+    """The metrics writer of a process other than 0: it writes nothing."""
+
+    def write(self, record: dict) -> None:
+        del record
+
+    def rewind(self, last_round: int) -> None:
+        del last_round
+
+    def close(self) -> None:
+        pass
+
+
+def _cohort_source(experiment: Experiment):
+    """round -> the cohort `apply` takes: the host's whole cohort with one process; with
+    several, the global cohort of which this process assembled only its own client rows."""
+    if not hosts.is_multiprocess():
+        return experiment.cohorts
+    mesh = client_mesh()
+    num_clients = experiment.cohorts.clients_per_round
+
+    def global_cohort(round_index: int):
+        start, stop = hosts.process_rows(num_clients, mesh)
+        local = experiment.cohorts.rows(round_index, start, stop)
+        return hosts.global_cohort(local, num_clients, mesh)
+
+    return global_cohort
 
 
 def _score_keys(task: Task) -> tuple[str, ...]:
@@ -545,15 +667,21 @@ def _run_rounds(experiment, state, start_round, manager, writer, workdir) -> dic
     kill_round = int(os.environ.get("FEDJAX_CV_FAULT_KILL_DURING_SAVE", "0"))
     record: dict[str, Any] = {"round": start_round}
     progress = tqdm(
-        total=num_rounds, initial=start_round, desc="rounds", unit="round", dynamic_ncols=True
+        total=num_rounds,
+        initial=start_round,
+        desc="rounds",
+        unit="round",
+        dynamic_ncols=True,
+        disable=not hosts.is_writer(),
     )
+    cohorts = _cohort_source(experiment)
     # The bar is closed before an error leaves: the last line a user sees is the error.
     with progress, concurrent.futures.ThreadPoolExecutor(1) as prefetch, _StopRequest() as stop:
-        next_cohort = prefetch.submit(experiment.cohorts, start_round)
+        next_cohort = prefetch.submit(cohorts, start_round)
         for round_index in range(start_round, num_rounds):
             cohort = next_cohort.result()
             if round_index + 1 < num_rounds:
-                next_cohort = prefetch.submit(experiment.cohorts, round_index + 1)
+                next_cohort = prefetch.submit(cohorts, round_index + 1)
             started = time.perf_counter()
             state, round_metrics = experiment.algorithm.apply(
                 state, cohort, jax.random.fold_in(train_key, round_index)
@@ -574,6 +702,8 @@ def _run_rounds(experiment, state, start_round, manager, writer, workdir) -> dic
             if len(record) > 1:
                 writer.write(record)
             periodic = completed % config.checkpoint.every_rounds == 0
+            if hosts.is_multiprocess():  # a signal to one process stops them all, together
+                stop.signal = hosts.first_signal(stop.signal)
             if periodic or completed == num_rounds or stop.signal is not None:
                 in_flight = None
                 if completed == kill_round:  # test-only fault: die while the save is in flight

@@ -339,7 +339,7 @@ def test_config_builds_attack_bound_dp_in_that_order_with_a_fixed_denominator():
     config.algorithm.aggregator.name = "trimmed_mean"
     config.algorithm.aggregator.norm_bound = 3.0
     pipeline = build_pipeline(config.algorithm, attacks.Attack("scale", fraction=0.3))
-    assert [s.name for s in pipeline.stages] == ["attack", "norm_bound", "dp"]
+    assert [s.name for s in pipeline.stages] == ["attack", "norm_bound", "dp", "compression"]
     assert pipeline.aggregator.name == "trimmed_mean" and not pipeline.linear
     assert pipeline.denominator == 10.0
     algorithm = build_algorithm(config.algorithm, lp.loss_fn, num_clients=50)

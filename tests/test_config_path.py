@@ -182,6 +182,16 @@ CASES = {
         "linear",
     ),
     "fedbn": ({"name": "fedbn"}, lambda f: algorithms.fedbn(f, LR), "batchnorm"),
+    "fednova_client_momentum": (
+        {"name": "fednova", "client.momentum": 0.9},
+        lambda f: algorithms.fednova(f, LR, client_momentum=0.9),
+        "linear",
+    ),
+    "scaffold": (
+        {"name": "scaffold"},
+        lambda f: algorithms.scaffold(f, LR, num_clients=lp.NUM_CLIENT_IDS),
+        "linear",
+    ),
     "fedavg_batch_stats_local": (
         {"batch_stats": "local", "local_params": ""},
         lambda f: algorithms.fedavg(f, LR, local=algorithms.ClientLocal(model_state=True)),
@@ -217,7 +227,9 @@ def final_state(algorithm, params, model_state, cohorts):
 def test_config_and_preset_reach_the_same_server_state(case):
     overrides, preset, kind = CASES[case]
     loss_fn, params, model_state, cohorts = problem(kind)
-    from_config = build_algorithm(algorithm_config(overrides), loss_fn, class_prior=PRIOR)
+    from_config = build_algorithm(
+        algorithm_config(overrides), loss_fn, class_prior=PRIOR, num_clients=lp.NUM_CLIENT_IDS
+    )
     from_preset = preset(loss_fn)
     expected = final_state(from_preset, params, model_state, cohorts)
     actual = final_state(from_config, params, model_state, cohorts)
@@ -235,7 +247,9 @@ def test_config_and_preset_reach_the_same_server_state(case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_config_and_preset_sample_the_same_clients_and_examples(case):
     overrides, preset, _ = CASES[case]
-    from_config = build_algorithm(algorithm_config(overrides), lp.loss_fn, class_prior=PRIOR)
+    from_config = build_algorithm(
+        algorithm_config(overrides), lp.loss_fn, class_prior=PRIOR, num_clients=lp.NUM_CLIENT_IDS
+    )
     from_preset = preset(lp.loss_fn)
     sizes = np.array([3, 40, 8, 15, 1, 22])
     assert from_config.client_sampler.name == from_preset.client_sampler.name
@@ -255,14 +269,35 @@ def test_config_and_preset_sample_the_same_clients_and_examples(case):
             )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config_base's algorithm.server.learning_rate defaults to 1.0 for every name, while "
-    "the fedopt preset defaults to 1e-2: `algorithm.name=fedopt` alone runs FedAdam at 1.0",
-)
-def test_fedopt_by_name_alone_is_the_fedopt_preset():
+# A name alone (with the fields it cannot do without) is its preset with every default: the
+# defaults live in the preset's signature only (fedopt's server learning rate 1e-2, fedavgm's
+# momentum 0.9, fedprox's mu 0.01), not a second time in config_base.
+BY_NAME_ALONE = {
+    "fedavg": ({}, lambda f: algorithms.fedavg(f, LR)),
+    "fedavgm": ({"name": "fedavgm"}, lambda f: algorithms.fedavgm(f, LR)),
+    "fedopt": ({"name": "fedopt"}, lambda f: algorithms.fedopt(f, LR)),
+    "fedopt_yogi": (
+        {"name": "fedopt", "server.optimizer": "yogi"},
+        lambda f: algorithms.fedopt(f, LR, server_optimizer_name="yogi"),
+    ),
+    "fedprox": ({"name": "fedprox"}, lambda f: algorithms.fedprox(f, LR)),
+    "fedopt_paper": (
+        {"name": "fedopt", "server.variant": "paper"},
+        lambda f: algorithms.fedopt(f, LR, server_variant="paper"),
+    ),
+    "fedvc": (
+        {"name": "fedvc", "virtual_client_size": 6},
+        lambda f: algorithms.fedvc(f, LR, virtual_client_size=6),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BY_NAME_ALONE))
+def test_a_name_alone_is_its_preset_with_its_defaults(case):
+    fields, preset = BY_NAME_ALONE[case]
     loss_fn, params, model_state, cohorts = problem("linear")
-    from_config = build_algorithm(algorithm_config({"name": "fedopt"}), lp.loss_fn)
-    actual = final_state(from_config, params, model_state, cohorts[:1])
-    expected = final_state(algorithms.fedopt(loss_fn, LR), params, model_state, cohorts[:1])
+    from_config = build_algorithm(algorithm_config(fields), loss_fn)
+    actual = final_state(from_config, params, model_state, cohorts[:2])
+    expected = final_state(preset(loss_fn), params, model_state, cohorts[:2])
     jax.tree.map(np.testing.assert_array_equal, actual.params, expected.params)
+    jax.tree.map(np.testing.assert_array_equal, actual.opt_state, expected.opt_state)

@@ -197,11 +197,18 @@ def run_rounds(cohort, strategy, importance=False, mesh=None):
     )
 
 
-def test_detection_round_agrees_across_strategies():
+@pytest.fixture(scope="module")
+def fedir_vmap_rounds():
+    """Two FedIR rounds of `make_cohort()` on `vmap` and one device: the reference of the
+    strategies test and of the 8-device test, computed once."""
+    return run_rounds(make_cohort(), "vmap", importance=True)
+
+
+def test_detection_round_agrees_across_strategies(fedir_vmap_rounds):
     """With FedIR's box weights (plain rounds: the padding test below, on `sequential`)."""
     importance = True
     cohort = make_cohort()
-    reference, ref_metrics = run_rounds(cohort, "vmap", importance)
+    reference, ref_metrics = fedir_vmap_rounds
     assert ref_metrics["box_loss"] > 0 and ref_metrics["obj_loss"] > 0
     for strategy in ("sequential", "host"):
         params, metrics = run_rounds(cohort, strategy, importance)
@@ -237,7 +244,10 @@ def test_padded_boxes_and_padded_examples_change_nothing():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, reference)
 
 
-def test_eight_device_sharded_detection_round_matches_single_device():
+def test_eight_device_sharded_detection_round_matches_single_device(tmp_path, fedir_vmap_rounds):
+    # The single-device reference comes from this process (one CPU device), leaf by leaf.
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, *jax.tree.leaves(fedir_vmap_rounds[0]))
     script = textwrap.dedent(
         """
         import jax, numpy as np
@@ -245,15 +255,18 @@ def test_eight_device_sharded_detection_round_matches_single_device():
         from tests.test_detection_task import make_cohort, run_rounds
         assert jax.device_count() == 8, jax.devices()
         cohort = make_cohort()
-        reference, _ = run_rounds(cohort, "vmap", importance=True)
+        with np.load(REFERENCE) as saved:
+            reference = [saved[f"arr_{i}"] for i in range(len(saved.files))]
         for strategy in ("vmap", "sequential"):
             params, _ = run_rounds(cohort, strategy, importance=True, mesh=client_mesh())
-            jax.tree.map(
-                lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, reference
-            )
+            leaves = jax.tree.leaves(params)
+            assert len(leaves) == len(reference)
+            for a, b in zip(leaves, reference):
+                assert a.shape == b.shape
+                np.testing.assert_allclose(a, b, atol=1e-5)
         print("sharded ok")
         """
-    )
+    ).replace("REFERENCE", repr(str(reference)))
     result = run_on_devices(script)
     assert "sharded ok" in result.stdout
 

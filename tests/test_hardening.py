@@ -9,8 +9,10 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 
+import numpy as np
 import pytest
 
 from fedjax_cv import train as train_module
@@ -448,3 +450,300 @@ def test_every_shipped_config_refuses_a_misspelled_argument_in_one_line(path):
     with pytest.raises(ValueError, match=r"config argument 'runlcal' is unknown; known: ") as error:
         load_file(path, "runlcal")
     assert "\n" not in str(error.value)
+
+
+# ------------------------------------------- config files, arguments and values (items 5, 6, 9)
+
+
+def run_launcher(*args, script="launch/train.py"):
+    """A launch that fails before any run: (exit status, the console's non-empty lines)."""
+    command = [sys.executable, *(["-m", script] if "/" not in script else [script]), *args]
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return result.returncode, error_lines(result.stdout + result.stderr)
+
+
+def test_config_file_faults_and_stray_arguments_are_one_line(tmp_path):
+    """Issue 11 item 5: a missing config file or one with a syntax error printed a long
+    traceback, a stray positional argument ten lines of usage."""
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(arg=None:\n    return None\n")
+    workdir = f"--workdir={tmp_path / 'run'}"
+    cases = [
+        (["--config=configs/nope.py"], "error: config file configs/nope.py does not exist"),
+        (
+            [f"--config={broken}"],
+            f"error: config file {broken} has a syntax error at line 1 (invalid syntax): "
+            "'def get_config(arg=None:'",
+        ),
+        (
+            ["--config=configs/shapes_fedavg.py:runlocal", "stray"],
+            "error: unexpected argument 'stray'; train.py takes only flags (--name=value; see "
+            "--help)",
+        ),
+        (
+            ["--config=configs/shapes_fedavg.py:runlocal", "--config.num_roundz=3"],
+            "error: --config.num_roundz: unknown config key 'num_roundz'; did you mean "
+            "'num_rounds'?",
+        ),
+    ]
+    for args, line in cases:
+        assert run_launcher(*args, workdir) == (2, [line])
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_errors_in_process_name_the_file(tmp_path):
+    from fedjax_cv.cli import CommandLineError, check_override_keys, load_config_file
+
+    raising = tmp_path / "raising.py"
+    raising.write_text("def get_config(arg=None):\n    return {}['width']\n")
+    empty = tmp_path / "empty.py"
+    empty.write_text("CONFIG = 1\n")
+    for spec, message in [
+        (f"{raising}:x", f"config file {raising}: get_config('x') raised KeyError: 'width'"),
+        (str(empty), f"config file {empty} defines no get_config(arg)"),
+        (str(tmp_path), f"config file {tmp_path} is not a file; must be a Python file"),
+        (
+            "configs/shapes_fedavg.py:runlcal",
+            "config file configs/shapes_fedavg.py: config argument 'runlcal' is unknown; "
+            "known: runlocal, alpha",
+        ),
+    ]:
+        with pytest.raises(CommandLineError) as error:
+            load_config_file(spec)
+        assert str(error.value) == message
+    config = load_config_file("configs/shapes_fedavg.py")
+    check_override_keys(config, ["model.kwargs.width", "data.partition.alpha"])  # open, known
+    for key, message in [
+        ("data.nme", "--config.data.nme: unknown config key 'nme'; did you mean 'name'?"),
+        (
+            "seed.x",
+            "--config.seed.x: unknown config key 'x'; config key 'seed' is a value, not "
+            "a group of keys",
+        ),
+    ]:
+        with pytest.raises(CommandLineError) as error:
+            check_override_keys(config, [key])
+        assert str(error.value) == message
+
+
+def _must_not_build_data(*args, **kwargs):
+    raise AssertionError("the dataset was built before the config was checked")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"data.num_classes": 0}, "data.num_classes=0 is not allowed; must be a positive integer"),
+        (
+            {"data.num_classes": 7},
+            "data.num_classes=7 is not allowed for data.name='shapes'; must be in [1, 6] "
+            "(circle, square, triangle, cross, diamond, ring)",
+        ),
+        (
+            {"data.num_train_examples": 0},
+            "data.num_train_examples=0 is not allowed; must be a positive integer",
+        ),
+        (
+            {"data.num_test_examples": 0},
+            "data.num_test_examples=0 is not allowed; must be a positive integer",
+        ),
+        ({"seed": 2**64}, f"seed={2**64} is not allowed; must be an integer in [0, 2**32)"),
+        ({"seed": 2**32}, f"seed={2**32} is not allowed; must be an integer in [0, 2**32)"),
+        (
+            {"data.partition.name": "natural"},
+            "data.partition.name='natural' is not allowed for data.name='shapes': it needs "
+            "data.partition.client_ids (one client id per train example), which this config "
+            "lacks; must be one of dirichlet, fedcv_detection, iid, lda, lda_multilabel, "
+            "lognormal, shards",
+        ),
+        (
+            {"model.name": "resnet18", "model.kwargs.width": 0},
+            "model.kwargs.width=0 is not allowed; resnet18.width must be a positive integer",
+        ),
+        (
+            {"model.name": "resnet18", "model.kwargs.width": 8.5},
+            "model.kwargs.width=8.5 is not allowed; resnet18.width must be a positive integer",
+        ),
+        (
+            {"model.kwargs.width": 0},
+            "model.kwargs.width=0 is not a field of logistic; fields: norm",
+        ),
+        (
+            {"data.poisoned_clients": 7},
+            "data.poisoned_clients=7 is not allowed; must be at most data.num_clients=6",
+        ),
+    ],
+)
+def test_values_are_checked_before_anything_is_built(tmp_path, monkeypatch, overrides, message):
+    """Issue 11 item 6: each of these failed late (`high <= 0`, `need at least one array to
+    stack`, OverflowError, TypeError, ZeroDivisionError) or was accepted."""
+    monkeypatch.setattr(train_module, "build_dataset", _must_not_build_data)
+    with pytest.raises(ConfigError) as error:
+        train_and_evaluate(tiny_config(**overrides), str(tmp_path / "run"))
+    assert str(error.value) == message
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_kwargs_are_settable_from_the_command_line(tmp_path):
+    """Issue 11 item 9: `--config.model.kwargs.<field>` was refused (`error: "'width'"`);
+    now set, and checked against the model's typed fields."""
+    config = ["--config=configs/shapes_fedavg.py:runlocal", "--config.model.name=resnet18"]
+    assert run_launcher(*config, "--config.model.kwargs.width=0", f"--workdir={tmp_path}/a") == (
+        2,
+        ["error: model.kwargs.width=0 is not allowed; resnet18.width must be a positive integer"],
+    )
+    assert run_launcher(*config, "--config.model.kwargs.widht=8", f"--workdir={tmp_path}/b") == (
+        2,
+        [
+            "error: model.kwargs.widht=8 is not a field of resnet18; fields: block, "
+            "feature_strides, norm, output_stride, return_features, stage_sizes, width"
+        ],
+    )
+    assert not list(tmp_path.iterdir())
+    workdir = tmp_path / "run"
+    process = launch(workdir, "--config.num_rounds=1", "--config.model.kwargs.norm=layer")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    assert json.loads((workdir / "config.json").read_text())["model"]["kwargs"] == {"norm": "layer"}
+
+
+def test_inspect_faults_are_one_line_before_the_dataset(tmp_path, monkeypatch):
+    """Issue 11 item 6: `python -m fedjax_cv.data.inspect` with an unknown key or an --out
+    that is a file printed tracebacks."""
+    from fedjax_cv.data import inspect as inspect_module
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    monkeypatch.setattr(inspect_module, "build_dataset", _must_not_build_data)
+    for out, message in [
+        (a_file, f"--out={a_file} is a file; must be a folder (or a path to make one)"),
+        (a_file / "out", f"--out={a_file}/out lies under {a_file}, which is a file"),
+    ]:
+        with pytest.raises(ValueError) as error:
+            inspect_module.inspect_partition(tiny_config(), out)
+        assert str(error.value) == message
+    config = "--config=configs/shapes_fedavg.py:runlocal"
+    assert run_launcher(
+        config, f"--out={tmp_path}/out", "--config.data.nme=x", script="fedjax_cv.data.inspect"
+    ) == (2, ["error: --config.data.nme: unknown config key 'nme'; did you mean 'name'?"])
+    assert run_launcher(config, f"--out={a_file}", script="fedjax_cv.data.inspect") == (
+        2,
+        [f"error: --out={a_file} is a file; must be a folder (or a path to make one)"],
+    )
+    assert sorted(tmp_path.iterdir()) == [a_file]
+
+
+def test_a_metrics_line_cut_short_is_written_again(tmp_path, runs, capsys):
+    """Issue 11 item 9: a crash that keeps checkpoint 4 but cuts its metrics line short lost
+    round 4's line for good (the resume started after it)."""
+    workdir = copy_of(runs, "four", tmp_path)
+    metrics = workdir / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines(keepends=True)
+    assert json.loads(lines[-1])["round"] == 4
+    metrics.write_bytes(b"".join(lines[:-1]) + lines[-1][:30])
+    capsys.readouterr()
+    record = train_and_evaluate(tiny_config(num_rounds=6), str(workdir))
+    assert said(capsys) == [
+        f"{metrics}: its last line is cut short after round 3; resuming from checkpoint 2",
+        f"set aside checkpoint 4 (after resume_step=2) in {workdir}/checkpoints_set_aside/4",
+    ]
+    assert record["params_sha256"] == runs[1]
+    assert [r["round"] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+
+
+# --------------------------------------------------------------------- data faults (item 7)
+
+
+def _image_folder(root: pathlib.Path, odd: tuple[str, str, int] | None = None) -> None:
+    """`<root>/<split>/<class>/<i>.png`, 8x8 RGB, the `odd` one 9x8."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(3):
+                shape = (9, 8, 3) if (split, name, i) == odd else (8, 8, 3)
+                Image.fromarray(np.full(shape, 40 * i, np.uint8)).save(
+                    root / split / name / f"{i}.png"
+                )
+
+
+def _folder_config(root, cache):
+    return override(
+        tiny_config(),
+        {
+            "data.name": "image_folder",
+            "data.root": str(root),
+            "data.cache_dir": str(cache),
+            "data.num_clients": 2,
+            "algorithm.clients_per_round": 2,
+            "data.partition.name": "iid",
+        },
+    )
+
+
+def test_an_image_of_another_shape_is_named_and_nothing_is_cached(tmp_path):
+    from fedjax_cv.data.registry import build_dataset
+
+    cache = tmp_path / "cache"
+    for odd, like in [(("train", "b", 1), "the others"), (("test", "a", 2), "the train images")]:
+        root = tmp_path / odd[0]
+        _image_folder(root, odd)
+        with pytest.raises(ValueError) as error:
+            build_dataset(_folder_config(root, cache).data, 0)
+        assert str(error.value) == (
+            f"{root}/{odd[0]}/{odd[1]}/{odd[2]}.png: image is 9x8x3 (HxWxC), {like} are 8x8x3 "
+            "(1 of 6 images differ); every image must have one shape"
+        )
+        assert not cache.exists()  # not even the train split's entry of the second case
+    archive = tmp_path / "odd.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "train", arcname="top")
+    with pytest.raises(ValueError) as error:
+        build_dataset(_folder_config(archive, cache).data, 0)
+    assert str(error.value).startswith(f"{archive}:top/train/b/1.png: image is 9x8x3 (HxWxC)")
+    assert not cache.exists()
+
+
+def test_a_truncated_archive_is_named_with_its_member_and_nothing_is_cached(tmp_path):
+    """Issue 11 item 7: a truncated .tar.gz raised a bare EOFError."""
+    from fedjax_cv.data.registry import build_dataset
+
+    _image_folder(tmp_path / "folder")
+    cache = tmp_path / "cache"
+    for suffix in ("tar", "tar.gz"):
+        whole = tmp_path / f"whole.{suffix}"
+        with tarfile.open(whole, "w:gz" if suffix == "tar.gz" else "w") as tar:
+            for path in sorted((tmp_path / "folder").rglob("*.png")):  # a known member order
+                tar.add(path, arcname=f"top/{path.relative_to(tmp_path / 'folder')}")
+        with tarfile.open(whole) as tar:
+            last_data = tar.getmembers()[-1].offset_data
+        data = whole.read_bytes()
+        archive = tmp_path / f"cut.{suffix}"
+        cut, where, why = {
+            "tar": (last_data + 10, "in member top/train/b/2.png", "unexpected end of data"),
+            "tar.gz": (
+                20,
+                "at its start",
+                "Compressed file ended before the end-of-stream marker was reached",
+            ),
+        }[suffix]
+        archive.write_bytes(data[:cut])
+        with pytest.raises(ValueError) as error:
+            build_dataset(_folder_config(archive, cache).data, 0)
+        assert str(error.value) == (
+            f"{archive}: the archive is cut short or damaged {where} ({why}); must be a "
+            "complete .tar or .tar.gz"
+        )
+        assert not cache.exists()
+    archive.write_bytes(data[: len(data) // 2])  # the .tar.gz cut in its middle
+    with pytest.raises(ValueError, match=f"^{archive}: the archive is cut short or damaged "):
+        build_dataset(_folder_config(archive, cache).data, 0)
+    assert not cache.exists()

@@ -38,6 +38,8 @@ def test_fedavg_two_rounds_with_each_family(tmp_path, model):
 def test_an_unknown_model_field_fails_before_anything_is_written(tmp_path):
     config = shapes_runlocal("resnet18")
     config.model.kwargs.depth_multiplier = 2.0
-    with pytest.raises(ConfigError, match="model.depth_multiplier=2.0 is not a field of resnet18"):
+    with pytest.raises(
+        ConfigError, match="model.kwargs.depth_multiplier=2.0 is not a field of resnet18"
+    ):
         train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()

@@ -1,8 +1,8 @@
 """Federated algorithms as composable pure functions.
 
-Presets: `fedavg`, `fedavgm`, `fedopt`, `fedprox`, `fedir`, `fedvc`, `fedbn`; each returns a
-`FederatedAlgorithm` with `init(params)` and `apply(state, cohort, rng)`. Compose axes with
-`federated_algorithm`, `ClientObjective` and `virtual_clients`.
+Presets: `fedavg`, `fedavgm`, `fedopt`, `fedprox`, `fedir`, `fedvc`, `fedbn`, `fednova`,
+`scaffold`; each returns a `FederatedAlgorithm` with `init(params)` and `apply(state, cohort,
+rng)`. Compose axes with `federated_algorithm`, `ClientObjective` and `virtual_clients`.
 """
 
 from fedjax_cv.algorithms.base import (
@@ -19,9 +19,11 @@ from fedjax_cv.algorithms.compose import (
     fedbn,
     federated_algorithm,
     fedir,
+    fednova,
     fedopt,
     fedprox,
     fedvc,
+    scaffold,
     virtual_clients,
 )
 from fedjax_cv.algorithms.local_state import FEDBN, ClientLocal
@@ -53,12 +55,14 @@ __all__ = [
     "federated_algorithm",
     "freeze_except",
     "fedir",
+    "fednova",
     "fedopt",
     "fedprox",
     "fedvc",
     "importance_table",
     "local_epochs",
     "parse_multipliers",
+    "scaffold",
     "server_optimizer",
     "size_proportional_clients",
     "uniform_clients",

@@ -46,6 +46,7 @@ class ClientView(NamedTuple):
     key: jax.Array  # this stage's key for this client and round
     weight: jax.Array  # the client's aggregation weight; 0: it has no vote
     num_steps: jax.Array | None = None  # int32: the local steps the client took
+    lr_factor: jax.Array | None = None  # the round's client learning-rate factor (None: 1)
 
 
 class ServerView(NamedTuple):
@@ -71,7 +72,9 @@ class Stage(NamedTuple):
     - `local_init(params) -> own`: one client's own state across rounds (None: none);
     - `client(state, delta, own, view) -> (delta, own, sums)` on each client's delta;
     - `server(state, aggregate, sums, view) -> (aggregate, state, metrics)` on the aggregate,
-      `sums` the client part's sums over the voting clients.
+      `sums` the client part's sums over the voting clients;
+    - `gradient(state, own, grads) -> grads` (None: none) corrects the client's gradient
+      before its optimizer at every local step (SCAFFOLD's g - c_i + c).
     """
 
     name: str
@@ -79,6 +82,7 @@ class Stage(NamedTuple):
     server: Callable = _no_server
     init: Callable[[Any], Any] | None = None
     local_init: Callable[[Any], Any] | None = None
+    gradient: Callable | None = None
 
 
 class Pipeline(NamedTuple):
@@ -107,6 +111,14 @@ class Pipeline(NamedTuple):
     def local_init(self, params) -> dict:
         """One client's initial own state of every stage that keeps one, by name."""
         return {s.name: s.local_init(params) for s in self.stages if s.local_init is not None}
+
+    def correct_gradient(self, state: dict, own: dict, grads):
+        """The stages' gradient corrections in order; the gradient itself (the same traced
+        program) when no stage has one."""
+        for stage in self.stages:
+            if stage.gradient is not None:
+                grads = stage.gradient(state.get(stage.name), own.get(stage.name), grads)
+        return grads
 
     def client(self, state: dict, delta, own: dict, view: ClientView):
         """Runs the client parts in order: (delta, own, sums), sums zero for a client without

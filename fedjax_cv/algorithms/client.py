@@ -174,6 +174,7 @@ def client_program(
             return total, (losses, out)
 
         grads, (losses, out) = jax.grad(value, has_aux=True)(state.params)
+        grads = pipeline.correct_gradient(shared.aggregation or {}, state.stage_own, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         if shared.lr_factor is not None:
             updates = jax.tree.map(lambda u: u * shared.lr_factor, updates)
@@ -202,7 +203,7 @@ def client_program(
             shared.aggregation or {},
             delta,
             state.stage_own,
-            ClientView(info, state.rng, weight, state.steps),
+            ClientView(info, state.rng, weight, state.steps, shared.lr_factor),
         )
         # NaN * 0 is NaN: zero the update itself, not just its weight.
         unless_nonfinite = lambda tree: jax.tree.map(lambda x: jnp.where(finite, x, 0.0), tree)

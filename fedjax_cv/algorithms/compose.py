@@ -15,15 +15,15 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fedjax_cv.algorithms import sampling
+from fedjax_cv.algorithms import control, sampling
 from fedjax_cv.algorithms.aggregation import Pipeline, server_key
 from fedjax_cv.algorithms.base import FederatedAlgorithm, PerExampleLoss
 from fedjax_cv.algorithms.client import ClientObjective, RoundShared, client_program
 from fedjax_cv.algorithms.local_state import FEDBN, NO_LOCAL, ClientLocal, gather, scatter
 from fedjax_cv.algorithms.param_groups import Rule, scale_by_multipliers
 from fedjax_cv.algorithms.sampling import ClientSampler, ExampleSampler
-from fedjax_cv.algorithms.secure_aggregation import secure_cohort
 from fedjax_cv.algorithms.schedules import RoundSchedule
+from fedjax_cv.algorithms.secure_aggregation import secure_cohort
 from fedjax_cv.algorithms.server import (
     aggregation_weight,
     server_init,
@@ -250,20 +250,38 @@ def fedavg(
     client_momentum: float = 0.0,
     client_weight_decay: float = 0.0,
     local_epochs: int = 1,
+    server_optimizer_name: str = "sgd",
     server_learning_rate: float = 1.0,
     server_momentum: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    eps: float = 1e-3,
+    server_variant: str = "optax",
     **options,
 ) -> FederatedAlgorithm:
     """FedAvg (McMahan et al. 2017): local SGD, n_k-weighted mean of the client models.
 
-    `options` go to `federated_algorithm` (objective, samplers, aggregation, strategy...).
+    Every preset is FedAvg with other defaults, and the config registry builds every
+    algorithm through these presets, so a name means the same in a notebook and a config.
+    The server optimizer (`server_optimizer_name`, its learning rate, momentum, b1, b2, eps,
+    and `server_variant`: optax's adaptive optimizers or Reddi et al.'s Algorithm 2) is any
+    of `fedjax_cv.algorithms.server.server_optimizer`'s; `options` go to
+    `federated_algorithm` (objective, samplers, aggregation, pipeline, strategy...).
     """
     _check_server(server_learning_rate, server_momentum)
     options.setdefault("example_sampler", sampling.local_epochs(local_epochs))
     return federated_algorithm(
         loss_fn,
         client_optimizer=client_sgd(client_learning_rate, client_momentum, client_weight_decay),
-        server_optimizer=server_optimizer("sgd", server_learning_rate, server_momentum),
+        server_optimizer=server_optimizer(
+            server_optimizer_name,
+            server_learning_rate,
+            server_momentum,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            variant=server_variant,
+        ),
         **options,
     )
 
@@ -272,18 +290,19 @@ def fedavgm(
     loss_fn: PerExampleLoss,
     client_learning_rate: float,
     *,
-    server_learning_rate: float = 1.0,
     server_momentum: float = 0.9,
     **options,
 ) -> FederatedAlgorithm:
     """FedAvgM (Hsu, Qi and Brown 2019): server momentum on the averaged client delta."""
-    return fedavg(
-        loss_fn,
-        client_learning_rate,
-        server_learning_rate=server_learning_rate,
-        server_momentum=server_momentum,
-        **options,
-    )
+    if not 0 < server_momentum < 1:
+        raise ValueError(
+            f"algorithm.server.momentum={server_momentum!r} is not allowed with fedavgm; must "
+            "be in (0, 1)"
+        )
+    return fedavg(loss_fn, client_learning_rate, server_momentum=server_momentum, **options)
+
+
+FEDOPT_OPTIMIZERS = ("adam", "yogi", "adagrad")
 
 
 def fedopt(
@@ -292,23 +311,20 @@ def fedopt(
     *,
     server_optimizer_name: str = "adam",
     server_learning_rate: float = 1e-2,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    eps: float = 1e-3,
-    client_momentum: float = 0.0,
-    client_weight_decay: float = 0.0,
-    local_epochs: int = 1,
     **options,
 ) -> FederatedAlgorithm:
-    """FedOpt (Reddi et al. 2021): FedAdam, FedYogi or FedAdagrad on the pseudo-gradient."""
-    _check_server(server_learning_rate)
-    options.setdefault("example_sampler", sampling.local_epochs(local_epochs))
-    return federated_algorithm(
+    """FedOpt (Reddi et al. 2021): FedAdam, FedYogi or FedAdagrad on the pseudo-gradient
+    (b1 0.9, b2 0.99 and adaptivity eps 1e-3 unless given)."""
+    if server_optimizer_name not in FEDOPT_OPTIMIZERS:
+        raise ValueError(
+            f"algorithm.server.optimizer={server_optimizer_name!r} is not allowed with fedopt; "
+            f"allowed: {', '.join(FEDOPT_OPTIMIZERS)}"
+        )
+    return fedavg(
         loss_fn,
-        client_optimizer=client_sgd(client_learning_rate, client_momentum, client_weight_decay),
-        server_optimizer=server_optimizer(
-            server_optimizer_name, server_learning_rate, b1=b1, b2=b2, eps=eps
-        ),
+        client_learning_rate,
+        server_optimizer_name=server_optimizer_name,
+        server_learning_rate=server_learning_rate,
         **options,
     )
 
@@ -344,4 +360,52 @@ def fedvc(
 ) -> FederatedAlgorithm:
     """FedVC (Hsu, Qi and Brown 2020): virtual clients of exactly `virtual_client_size`
     examples, drawn in proportion to client size, averaged with equal weight."""
-    return fedavg(loss_fn, client_learning_rate, **virtual_clients(virtual_client_size), **options)
+    return fedavg(
+        loss_fn, client_learning_rate, **{**virtual_clients(virtual_client_size), **options}
+    )
+
+
+def _first_stage(stage, options: dict) -> Pipeline:
+    """`options`' pipeline (default: the mean) with `stage` first: its client part sees the
+    delta local training produced, its server part runs last."""
+    pipeline = options.pop("pipeline", None) or Pipeline()
+    return pipeline._replace(stages=(stage,) + tuple(pipeline.stages))
+
+
+def scaffold(
+    loss_fn: PerExampleLoss, client_learning_rate: float, *, num_clients: int, **options
+) -> FederatedAlgorithm:
+    """SCAFFOLD (Karimireddy et al. 2020, option II): FedAvg whose local steps descend
+    g - c_i + c, with c_i each client's control variate (kept in the client-local store) and c
+    the server's (see `fedjax_cv.algorithms.control.scaffold`). `num_clients` is the
+    population N; pass it to `init` too."""
+    stage = control.scaffold(num_clients, client_learning_rate)
+    pipeline = _first_stage(stage, options)
+    if pipeline.secure is not None:
+        raise ValueError(
+            "algorithm.name='scaffold' is not allowed with algorithm.secure_aggregation.enabled: "
+            "its control-variate updates, which reveal each client's delta, are summed in the "
+            "clear"
+        )
+    return fedavg(loss_fn, client_learning_rate, pipeline=pipeline, **options)
+
+
+def fednova(
+    loss_fn: PerExampleLoss,
+    client_learning_rate: float,
+    *,
+    client_momentum: float = 0.0,
+    **options,
+) -> FederatedAlgorithm:
+    """FedNova (Wang et al. 2020): each client's delta normalised by its number of local steps
+    (momentum- or proximal-adjusted), the mean rescaled by the clients' mean normaliser
+    tau_eff (see `fedjax_cv.algorithms.control.fednova`)."""
+    objective = options.get("objective") or ClientObjective()
+    stage = control.fednova(client_momentum, objective.proximal_mu, client_learning_rate)
+    return fedavg(
+        loss_fn,
+        client_learning_rate,
+        client_momentum=client_momentum,
+        pipeline=_first_stage(stage, options),
+        **options,
+    )

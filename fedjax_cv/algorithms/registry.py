@@ -12,20 +12,30 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_cv.algorithms import aggregation, privacy, robust, sampling
-from fedjax_cv.algorithms.secure_aggregation import SecureAggregation, check_frac_bits
+from fedjax_cv.algorithms import aggregation, compose, compression, privacy, robust, sampling
 from fedjax_cv.algorithms.attacks import Attack, attack_stage
 from fedjax_cv.algorithms.base import FederatedAlgorithm, PerExampleLoss
 from fedjax_cv.algorithms.client import ClientObjective
-from fedjax_cv.algorithms.compose import client_sgd, federated_algorithm
 from fedjax_cv.algorithms.local_state import FEDBN, ClientLocal
 from fedjax_cv.algorithms.param_groups import Rule, parse_multipliers
 from fedjax_cv.algorithms.schedules import RoundSchedule, round_schedule
-from fedjax_cv.algorithms.server import server_optimizer
+from fedjax_cv.algorithms.secure_aggregation import SecureAggregation, check_frac_bits
+from fedjax_cv.algorithms.server import SERVER_VARIANTS
 
-ALGORITHMS = ("fedavg", "fedavgm", "fedopt", "fedprox", "fedir", "fedvc", "fedbn")
+# The named presets; `build_algorithm` calls them, as a notebook does.
+PRESETS = {
+    "fedavg": compose.fedavg,
+    "fedavgm": compose.fedavgm,
+    "fedopt": compose.fedopt,
+    "fedprox": compose.fedprox,
+    "fedir": compose.fedir,
+    "fedvc": compose.fedvc,
+    "fedbn": compose.fedbn,
+    "fednova": compose.fednova,
+    "scaffold": compose.scaffold,
+}
+ALGORITHMS = tuple(PRESETS)
 BATCH_STATS = ("average", "local")
-_SERVER_OPTIMIZER = {"fedopt": "adam"}
 
 
 def check_algorithm_config(config) -> None:
@@ -33,12 +43,20 @@ def check_algorithm_config(config) -> None:
     name = config.name
     if name not in ALGORITHMS:
         raise ValueError(f"algorithm.name={name!r} is unknown; known: {', '.join(ALGORITHMS)}")
-    if name == "fedavgm" and not 0 < config.server.momentum < 1:
+    if (
+        name == "fedavgm"
+        and config.server.momentum is not None
+        and not 0 < config.server.momentum < 1
+    ):
         raise ValueError(
             f"algorithm.server.momentum={config.server.momentum!r} is not allowed with fedavgm; "
             "must be in (0, 1)"
         )
-    if name == "fedprox" and not config.client.proximal_mu > 0:
+    if (
+        name == "fedprox"
+        and config.client.proximal_mu is not None
+        and not config.client.proximal_mu > 0
+    ):
         raise ValueError(
             f"algorithm.client.proximal_mu={config.client.proximal_mu!r} is not allowed with "
             "fedprox; must be > 0"
@@ -66,7 +84,36 @@ def check_algorithm_config(config) -> None:
             f"algorithm.server.optimizer={config.server.optimizer!r} is not allowed with fedopt; "
             "allowed: adam, yogi, adagrad"
         )
+    check_control_config(config)
+    if config.server.variant not in SERVER_VARIANTS:
+        raise ValueError(
+            f"algorithm.server.variant={config.server.variant!r} is unknown; allowed: "
+            f"{', '.join(SERVER_VARIANTS)}"
+        )
     check_aggregation_config(config)
+
+
+def check_control_config(config) -> None:
+    """SCAFFOLD's and FedNova's rules (`fedjax_cv.algorithms.control`), before anything runs."""
+    name, client = config.name, config.client
+    if name == "scaffold":
+        if not client.learning_rate > 0:
+            raise ValueError(
+                f"algorithm.client.learning_rate={client.learning_rate!r} is not allowed with "
+                "scaffold; must be > 0 (option II divides by it)"
+            )
+        secure = getattr(config, "secure_aggregation", None)
+        if secure is not None and secure.enabled:
+            raise ValueError(
+                "algorithm.secure_aggregation.enabled is not allowed with scaffold: its "
+                "control-variate updates, which reveal each client's delta, are summed in the clear"
+            )
+    if name == "fednova" and client.momentum and client.proximal_mu:
+        raise ValueError(
+            f"algorithm.client.proximal_mu={client.proximal_mu!r} is not allowed with fednova and "
+            f"algorithm.client.momentum={client.momentum!r}: the paper's normaliser covers one of "
+            "momentum or a proximal term, not both"
+        )
 
 
 def aggregator_options(config) -> robust.AggregatorOptions:
@@ -80,8 +127,17 @@ def aggregator_options(config) -> robust.AggregatorOptions:
 
 
 def check_aggregation_config(config) -> None:
-    """The `algorithm.aggregator` and `algorithm.dp` sections; one line naming the field."""
+    """The `algorithm.aggregator`, `algorithm.dp` and `algorithm.compression` sections; one
+    line naming the field."""
     aggregator = config.aggregator
+    _compression_stage(config)  # name, bits and fraction
+    secure = getattr(config, "secure_aggregation", None)
+    if _compression_name(config) != "none" and secure is not None and secure.enabled:
+        raise ValueError(
+            f"algorithm.compression.name={_compression_name(config)!r} is not allowed with "
+            "algorithm.secure_aggregation.enabled: pairwise masks make every upload a dense "
+            "ring vector, so compression would save nothing; use 'none'"
+        )
     robust.get_aggregator(aggregator.name, aggregator_options(config), config.clients_per_round)
     if aggregator.norm_bound < 0:
         raise ValueError(
@@ -97,6 +153,13 @@ def check_aggregation_config(config) -> None:
     dp = config.dp
     if not dp.enabled:
         return
+    name = _compression_name(config)
+    if name in ("quantization", "top_k"):
+        raise ValueError(
+            f"algorithm.compression.name={name!r} is not allowed with algorithm.dp.enabled: "
+            "what it sends can exceed algorithm.dp.clip_norm in norm, which the accountant "
+            "assumes bounds each client's upload; use 'none' or 'layer_selection'"
+        )
     privacy.check_dp(dp.noise_multiplier, dp.clip_norm, dp.target_delta)
     privacy._check_choices(dp.accountant, "fixed")
     if dp.accountant == "pld":
@@ -152,9 +215,24 @@ def _dp_stage(config) -> aggregation.Stage:
     )
 
 
+def _compression_name(config) -> str:
+    section = config.get("compression")
+    return "none" if section is None else section.name
+
+
+def _compression_stage(config) -> aggregation.Stage:
+    """`algorithm.compression`'s stage; a config without the section only counts bytes."""
+    section = config.get("compression")
+    if section is None:
+        return compression.upload_accounting()
+    return compression.get_compression(section.name, bits=section.bits, fraction=section.fraction)
+
+
 def build_pipeline(config, attack: Attack | None = None) -> aggregation.Pipeline:
     """The aggregation pipeline `config.algorithm` describes, after the `attack`'s stage: an
-    attacker corrupts its own delta before any server-side defence sees it."""
+    attacker corrupts its own delta before any server-side defence sees it. Compression comes
+    last on the client, after norm bounding and DP clipping (clients clip, then encode what
+    they send), and is always there: with 'none' it only reports `upload_bytes`."""
     stages = []
     if attack is not None and attack.active:
         stages.append(attack_stage(attack))
@@ -166,6 +244,7 @@ def build_pipeline(config, attack: Attack | None = None) -> aggregation.Pipeline
             stages.append(aggregation.norm_bound(bound.norm_bound))
     if config.dp.enabled:
         stages.append(_dp_stage(config))
+    stages.append(_compression_stage(config))
     return aggregation.Pipeline(
         stages=tuple(stages),
         aggregator=robust.get_aggregator(
@@ -246,7 +325,8 @@ def build_algorithm(
     `param_rules` come before the rules of `config.client.lr_multipliers` (a frozen backbone
     is such a rule, made where the model is known); `num_rounds` is the length of the run a
     learning-rate schedule decays over (`config.client.lr_schedule`); `num_clients` is the
-    population DP's accountant samples from (needed with `config.dp.enabled`); `attack` adds
+    population DP's accountant samples from and SCAFFOLD's control variate averages over
+    (needed with `config.dp.enabled` and by `scaffold`); `attack` adds
     its stage to the aggregation pipeline.
     """
     check_algorithm_config(config)
@@ -269,25 +349,34 @@ def build_algorithm(
     importance = config.client.importance_weighting or config.name == "fedir"
     if importance and class_prior is None:
         raise ValueError("algorithm.client.importance_weighting needs the data's class prior")
-    objective = ClientObjective(
-        class_prior=np.asarray(class_prior, np.float32) if importance else None,
-        proximal_mu=config.client.proximal_mu,
-    )
+    prior = np.asarray(class_prior, np.float32) if importance else None
+    mu = config.client.proximal_mu
     server = config.server
-    return federated_algorithm(
+    # The preset of the name builds it: the name's defaults live in its signature only, and a
+    # config field left None ("by name") takes them.
+    by_name = {
+        "server_optimizer_name": None if server.optimizer == "auto" else server.optimizer,
+        "server_learning_rate": server.learning_rate,
+        "server_momentum": server.momentum,
+        "proximal_mu": mu if config.name == "fedprox" else None,
+        "class_prior": prior if config.name == "fedir" else None,
+        "virtual_client_size": config.virtual_client_size if config.name == "fedvc" else None,
+        "num_clients": _population(config, num_clients) if config.name == "scaffold" else None,
+    }
+    return PRESETS[config.name](
         loss_fn,
-        client_optimizer=client_sgd(
-            config.client.learning_rate, config.client.momentum, config.client.weight_decay
+        config.client.learning_rate,
+        **{key: value for key, value in by_name.items() if value is not None},
+        client_momentum=config.client.momentum,
+        client_weight_decay=config.client.weight_decay,
+        b1=server.b1,
+        b2=server.b2,
+        eps=server.eps,
+        server_variant=server.variant,
+        objective=ClientObjective(
+            class_prior=None if config.name == "fedir" else prior,
+            proximal_mu=0.0 if mu is None or config.name == "fedprox" else mu,
         ),
-        server_optimizer=server_optimizer(
-            _by_name(server.optimizer, _SERVER_OPTIMIZER.get(config.name, "sgd")),
-            server.learning_rate,
-            server.momentum,
-            b1=server.b1,
-            b2=server.b2,
-            eps=server.eps,
-        ),
-        objective=objective,
         aggregation=_by_name(
             config.aggregation, "mean" if virtual or config.dp.enabled else "weighted"
         ),
@@ -303,6 +392,15 @@ def build_algorithm(
         mesh=mesh,
         donate=donate,
     )
+
+
+def _population(config, num_clients: int | None) -> int:
+    """SCAFFOLD's N, the number of clients whose control variates the server's averages."""
+    if num_clients is None:
+        raise ValueError(
+            f"algorithm.name={config.name!r} needs build_algorithm(..., num_clients=N)"
+        )
+    return num_clients
 
 
 def _accountant_for(config, num_clients: int | None):

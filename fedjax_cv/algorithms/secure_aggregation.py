@@ -35,7 +35,11 @@ FRAC_BITS = (1, 30)
 
 def check_frac_bits(frac_bits: Any) -> None:
     low, high = FRAC_BITS
-    if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or not low <= frac_bits <= high:
+    if (
+        isinstance(frac_bits, bool)
+        or not isinstance(frac_bits, int)
+        or not low <= frac_bits <= high
+    ):
         raise ValueError(
             f"algorithm.secure_aggregation.frac_bits={frac_bits!r} is not allowed; must be an "
             f"integer in [{low}, {high}]"
@@ -88,8 +92,9 @@ def quantize(x: jax.Array, frac_bits: int, bound: jax.Array) -> tuple[jax.Array,
 
 
 def dequantize(ring: jax.Array, frac_bits: int) -> jax.Array:
-    """The ring value read as int32, over 2^frac_bits, in float32."""
-    signed = lax.bitcast_convert_type(ring, jnp.int32).astype(jnp.float32)
+    """The ring value read as int32, over 2^frac_bits, in float32. (A sum widened to uint64,
+    as jnp.sum does under x64, is cut back to its residue mod 2^32 first.)"""
+    signed = lax.bitcast_convert_type(ring.astype(jnp.uint32), jnp.int32).astype(jnp.float32)
     return signed / jnp.float32(2.0**frac_bits)
 
 
@@ -131,9 +136,7 @@ def pairwise_mask(cohort: SecureCohort, client_id, occurrence, tree) -> Any:
         mask = expand(seed, tree)
         # Unsigned arithmetic wraps: 0 - m is -m in the ring.
         signed = jax.tree.map(lambda m: jnp.where(before, m, jnp.uint32(0) - m), mask)
-        return jax.tree.map(
-            lambda t, m: t + jnp.where(paired, m, jnp.uint32(0)), total, signed
-        )
+        return jax.tree.map(lambda t, m: t + jnp.where(paired, m, jnp.uint32(0)), total, signed)
 
     return lax.fori_loop(0, cohort.client_id.shape[0], add_pair, zeros)
 
@@ -160,9 +163,7 @@ class SecureAggregation(NamedTuple):
         )
         if self.masks:
             mask = pairwise_mask(cohort, info.client_id, info.occurrence, ring)
-            ring = jax.tree.map(
-                lambda r, m: r + jnp.where(real, m, jnp.uint32(0)), ring, mask
-            )
+            ring = jax.tree.map(lambda r, m: r + jnp.where(real, m, jnp.uint32(0)), ring, mask)
         return SecureSum(
             ring=ring,
             saturated=jnp.where(real, saturated, 0.0),

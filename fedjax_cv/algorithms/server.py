@@ -1,8 +1,21 @@
 """The server side: aggregation of client deltas and the server optimizer (FedOpt).
 
-The averaged client delta is a pseudo-gradient `server - mean(client)` fed to any optax
-transformation (Reddi et al. 2021, "Adaptive Federated Optimization"): sgd(1.0) is FedAvg,
-sgd(lr, momentum) FedAvgM (Hsu et al. 2019), adam / yogi / adagrad FedOpt.
+The aggregated client delta Delta (client minus server) gives the pseudo-gradient
+g = -Delta = `server - mean(client)`, fed to an optax transformation (Reddi et al. 2021,
+"Adaptive Federated Optimization"): sgd(1.0) is FedAvg, sgd(lr, momentum) FedAvgM (Hsu et
+al. 2019), adam / yogi / adagrad FedOpt, in one of two variants (`server_optimizer`'s
+`variant`, config `algorithm.server.variant`), with eps standing for the paper's tau:
+
+- 'optax' (the default) runs optax's own optimizers, which are not the paper's: optax.adam
+  and optax.yogi bias-correct both moments (m / (1 - b1^t), v / (1 - b2^t)) and add eps
+  outside the square root, optax.yogi starts both moments at 1e-6 and optax.adam at 0;
+  optax.adagrad has no momentum, starts its sum of squares at 0 here and puts eps inside
+  the root, g / sqrt(sum g^2 + eps).
+- 'paper' runs the paper's Algorithm 2 (`scale_by_fedopt`): no bias correction, tau outside
+  the root, m / (sqrt(v) + tau), m_{-1} = 0, v_{-1} = tau^2, and momentum b1 for all three,
+  FedAdagrad included.
+
+sgd is the same in both variants.
 """
 
 from __future__ import annotations
@@ -31,6 +44,69 @@ def aggregation_weight(name: str):
     )
 
 
+SERVER_VARIANTS = ("optax", "paper")
+FEDOPT_PAPER_OPTIMIZERS = ("adagrad", "adam", "yogi")
+
+
+def scale_by_fedopt(
+    name: str, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3
+) -> optax.GradientTransformation:
+    """FedAdagrad, FedAdam or FedYogi scaling exactly as Reddi et al. 2021, Algorithm 2.
+
+    In the paper's terms, Delta_t the round's aggregated client delta (client minus server):
+
+        m_t = b1 m_{t-1} + (1 - b1) Delta_t                               (all three)
+        v_t = v_{t-1} + Delta_t^2                                         (FedAdagrad)
+        v_t = b2 v_{t-1} + (1 - b2) Delta_t^2                             (FedAdam)
+        v_t = v_{t-1} - (1 - b2) Delta_t^2 sign(v_{t-1} - Delta_t^2)      (FedYogi)
+        x_{t+1} = x_t + eta m_t / (sqrt(v_t) + tau)
+
+    elementwise, with m_{-1} = 0 and v_{-1} = tau^2 (the paper asks v_{-1} >= tau^2; this is
+    that smallest value), no bias correction, tau outside the square root, and v_t built
+    from the raw Delta_t^2, not from m_t^2. Algorithm 2 writes the momentum line for all
+    three, so b1 applies to FedAdagrad too; b1 = 0 gives momentum-free Adagrad (the
+    paper's convergence analysis takes beta1 = 0; Flower's FedAdagrad fixes beta_1 = 0).
+    b2 is unused by FedAdagrad.
+
+    It is fed the pseudo-gradient g = -Delta_t and returns m / (sqrt(v) + tau) in g's terms
+    (its first moment is -m_t; v is the same since g^2 = Delta_t^2): chain it with a scale
+    of -eta, as `server_optimizer(name, eta, variant='paper')` does. Its state is an
+    `optax.ScaleByAdamState`: count (the rounds applied; the update never reads it), mu
+    (-m_t) and nu (v_t).
+    """
+    if name not in FEDOPT_PAPER_OPTIMIZERS:
+        raise ValueError(
+            f"algorithm.server.optimizer={name!r} is unknown with algorithm.server.variant="
+            f"'paper'; allowed: {', '.join(FEDOPT_PAPER_OPTIMIZERS)}"
+        )
+    if not tau > 0:
+        raise ValueError(f"algorithm.server.eps={tau!r} must be > 0 (it is the paper's tau)")
+
+    def second_moment(v, g):
+        g2 = g * g
+        if name == "adagrad":
+            return v + g2
+        if name == "adam":
+            return b2 * v + (1 - b2) * g2
+        return v - (1 - b2) * g2 * jnp.sign(v - g2)
+
+    def init_fn(params):
+        return optax.ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(jnp.zeros_like, params),
+            nu=jax.tree.map(lambda p: jnp.full_like(p, tau * tau), params),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(second_moment, state.nu, updates)
+        updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + tau), mu, nu)
+        return updates, optax.ScaleByAdamState(count=state.count + 1, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def server_optimizer(
     name: str,
     learning_rate: float = 1.0,
@@ -38,14 +114,36 @@ def server_optimizer(
     b1: float = 0.9,
     b2: float = 0.99,
     eps: float = 1e-3,
+    *,
+    variant: str = "optax",
 ) -> optax.GradientTransformation:
     """The server optimizers of FedAvg, FedAvgM and FedOpt.
 
     `eps` is FedOpt's adaptivity tau (Reddi et al. 2021 tune it in [1e-5, 1e-1]; 1e-3 there
-    is a common best value).
+    is a common best value). `variant` picks what adam / yogi / adagrad mean:
+
+    - 'optax' (default): optax.adam(learning_rate, b1, b2, eps) and optax.yogi (both
+      bias-corrected, eps outside the root; yogi's moments start at 1e-6) and
+      optax.adagrad(learning_rate, initial_accumulator_value=0, eps) (no momentum, b1 and
+      b2 unused, eps inside the root).
+    - 'paper': Algorithm 2 of Reddi et al. 2021, `scale_by_fedopt(name, b1, b2, tau=eps)`
+      then a scale of -learning_rate: no bias correction, eps outside the root, v starting
+      at eps^2, and momentum b1 for FedAdagrad too.
+
+    sgd (FedAvg, FedAvgM) is the same in both.
     """
+    if variant not in SERVER_VARIANTS:
+        raise ValueError(
+            f"algorithm.server.variant={variant!r} is unknown; "
+            f"allowed: {', '.join(SERVER_VARIANTS)}"
+        )
     if name == "sgd":
         return optax.sgd(learning_rate, momentum=momentum or None)
+    if variant == "paper" and name in FEDOPT_PAPER_OPTIMIZERS:
+        return optax.chain(
+            scale_by_fedopt(name, b1=b1, b2=b2, tau=eps),
+            optax.scale_by_learning_rate(learning_rate),
+        )
     if name == "adam":
         return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
     if name == "yogi":

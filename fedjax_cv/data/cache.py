@@ -6,12 +6,15 @@ files once into a cache entry and memory-maps it afterwards. An entry is a
 folder named by a hash of everything that determines its bytes (source paths, sizes and
 modification times, decode parameters, the format version): a changed file or parameter gives a
 new entry instead of stale pixels. Entries are built in a temporary folder and renamed into place,
-so a crash or a concurrent builder never leaves a half-written entry behind.
+so a crash or a concurrent builder never leaves a half-written entry behind; inside
+`all_or_nothing()`, a load that fails after some entries were built removes them again.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import io
@@ -65,6 +68,37 @@ def entry_dir(cache_dir: str | os.PathLike, kind: str, key: Mapping[str, Any]) -
     return Path(cache_dir) / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
 
 
+# What the innermost `all_or_nothing` block built: (path, is an entry; else a cache folder
+# it made, removed only when left empty).
+_BUILT: contextvars.ContextVar[list[tuple[Path, bool]] | None] = contextvars.ContextVar(
+    "fedjax_cv_cache_built", default=None
+)
+
+
+@contextlib.contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Entries built inside the block are removed again when it raises: a dataset that fails
+    to load (a damaged file in its test split, an image of another shape) writes nothing to
+    the cache. Entries that already existed are kept; a nested block joins the outer one."""
+    if _BUILT.get() is not None:
+        yield
+        return
+    built: list[tuple[Path, bool]] = []
+    token = _BUILT.set(built)
+    try:
+        yield
+    except BaseException:
+        for path, is_entry in reversed(built):
+            if is_entry:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+        raise
+    finally:
+        _BUILT.reset(token)
+
+
 def get_or_build(
     cache_dir: str | os.PathLike | None,
     kind: str,
@@ -75,6 +109,10 @@ def get_or_build(
     final = entry_dir(default_cache_dir() if cache_dir is None else cache_dir, kind, key)
     if final.is_dir():
         return final
+    built = _BUILT.get()
+    if built is not None:  # the cache folders about to be made, outermost first
+        made = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
+        built.extend((p, False) for p in reversed(made))
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.with_name(f"{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
@@ -83,6 +121,8 @@ def get_or_build(
         (staging / "key.json").write_text(json.dumps({"kind": kind, **key}, sort_keys=True))
         try:
             staging.rename(final)
+            if built is not None:
+                built.append((final, True))
         except OSError:
             if not final.is_dir():  # not a lost race with another builder: a real failure
                 raise

@@ -53,6 +53,10 @@ class Layout:
     examples: np.ndarray  # int64 [clients, slots], 0 where padded
     mask: np.ndarray  # bool [clients, slots]
 
+    def rows(self, start: int, stop: int) -> Layout:
+        """The layout of clients [start, stop) only."""
+        return Layout(*(getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)))
+
     def entries(self) -> list[Entry]:
         slots, positions = np.nonzero(self.mask)
         return [
@@ -112,14 +116,32 @@ class CohortBuilder:
         return prepare({k: v[layout.examples] for k, v in self.dataset.train.items()})
 
     def __call__(self, round_index: int) -> Cohort:
+        return self.rows(round_index)
+
+    def rows(self, round_index: int, start: int = 0, stop: int | None = None) -> Cohort:
+        """Round r's cohort restricted to its client rows [start, stop): what one process of
+        many assembles (rows past the last client are left out; the process pads them).
+        Sampling, augmentation and attacks draw from seeds that do not depend on the rows,
+        so each row equals that row of the whole cohort."""
         layout = self.layout(round_index)
+        num_clients = len(layout.client_ids)
+        stop = num_clients if stop is None else min(stop, num_clients)
+        start = min(start, stop)
+        attacker = None
+        if self.attack is not None and self.attack.active:
+            attacker = choose_attackers(self.attack, self.seed, round_index, num_clients)
+            attacker = attacker[start:stop]
+        if (start, stop) != (0, num_clients):
+            # An empty share still reads one client, so the pipeline fixes keys and shapes.
+            layout = layout.rows(start, stop) if stop > start else layout.rows(0, 1)
         examples = self.gather(round_index, layout)
+        if stop == start:
+            layout = layout.rows(0, 0)
+            examples = {key: value[:0] for key, value in examples.items()}
         ids = layout.client_ids
         if self.poisoned_clients:
             examples["image"][ids < self.poisoned_clients] = np.nan
-        attacker = None
-        if self.attack is not None and self.attack.active:
-            attacker = choose_attackers(self.attack, self.seed, round_index, len(ids))
+        if attacker is not None:
             examples = poison_examples(self.attack, examples, attacker, self.dataset.num_classes)
         shape = (len(ids), self.num_steps, self.batch_size)
         info = ClientInfo(

@@ -9,23 +9,45 @@ DIR/client_sizes.png (sorted client sizes, Hsu et al. 2020 Fig. 10).
 
 from __future__ import annotations
 
+import os
 import pathlib
-import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from fedjax_cv import cli
 from fedjax_cv.data import plots
 from fedjax_cv.data.registry import build_dataset, partition_params
 from fedjax_cv.validation import validate_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_CONFIG = cli.define_config_flag("Experiment config file.")
 _OUT = flags.DEFINE_string("out", None, "Folder for partition.json and the plots.")
 flags.mark_flags_as_required(["config", "out"])
+OUTPUTS = ("partition.json", "class_heatmap.png", "client_sizes.png")
+
+
+def check_out(out: str | os.PathLike) -> None:
+    """Raises ValueError, one line naming the path, when `out` cannot take the outputs;
+    writes nothing."""
+    path = pathlib.Path(out)
+    if not str(out).strip():
+        raise ValueError("--out is empty; give a folder for partition.json and the plots")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out={path} is a file; must be a folder (or a path to make one)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out={path} lies under {existing}, which is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out={path}: {existing} is not writable")
+    for name in OUTPUTS:
+        if (path / name).is_dir():
+            raise ValueError(f"--out={path}: {path / name} is a folder, but a file goes there")
 
 
 def inspect_partition(config, out: str | pathlib.Path):
     """Builds the config's dataset and writes partition.json and the plots into `out`."""
+    check_out(out)
     validate_config(config)
     dataset = build_dataset(config.data, config.seed)
     partition = dataset.partition(
@@ -47,10 +69,9 @@ def main(argv):
     del argv
     try:
         inspect_partition(_CONFIG.value, _OUT.value)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, OSError) as error:
+        cli.fail(error)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

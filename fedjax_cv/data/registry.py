@@ -10,6 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fedjax_cv.data import augment, shapes, sources
+from fedjax_cv.data import cache as cache_lib
 from fedjax_cv.data import partition as partition_lib
 from fedjax_cv.data.federated import FederatedDataset
 from fedjax_cv.data.partition import PARTITIONERS, make_partition
@@ -86,6 +87,8 @@ def image_folder_dataset(data_config, seed: int) -> FederatedDataset:
     cache_dir = data_config.get("cache_dir") or None
     train = sources.image_folder(path, "train", cache_dir=cache_dir)
     test = sources.image_folder(path, "test", class_names=train.class_names, cache_dir=cache_dir)
+    train_images = train.stacked_images()
+    test_images = test.stacked_images(train_images.shape[1:], like="the train images")
     clients = make_partition(
         data_config.partition.name,
         train.labels,
@@ -95,8 +98,8 @@ def image_folder_dataset(data_config, seed: int) -> FederatedDataset:
     )
     return FederatedDataset(
         name=data_config.name,
-        train={"image": train.images.stacked(), "label": train.labels},
-        test={"image": test.images.stacked(), "label": test.labels},
+        train={"image": train_images, "label": train.labels},
+        test={"image": test_images, "label": test.labels},
         clients=tuple(clients),
         num_classes=train.num_classes,
         class_names=train.class_names,
@@ -461,4 +464,5 @@ def build_dataset(data_config, seed: int) -> FederatedDataset:
         raise ValueError(
             f"data.name={data_config.name!r} is unknown; known: {', '.join(sorted(DATASETS))}"
         )
-    return DATASETS[data_config.name](data_config, seed)
+    with cache_lib.all_or_nothing():  # a dataset that fails to load leaves no cache entry
+        return DATASETS[data_config.name](data_config, seed)

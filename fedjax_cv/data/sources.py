@@ -13,6 +13,7 @@ source and everywhere else in fedjax_cv:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -22,6 +23,7 @@ import os
 import re
 import tarfile
 import xml.etree.ElementTree as ElementTree
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -52,12 +54,41 @@ class ClassificationSource:
     labels: np.ndarray
     class_names: tuple[str, ...]
     paths: tuple[str, ...]  # where each example came from, for messages and natural ids
+    origin: str = ""  # the folder `paths` are relative to, or the archive holding them
+    archive_split: str | None = None  # in an archive: the split folder `paths` are under
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {"image": self.images[index], "label": self.labels[index]}
+
+    def file_of(self, index: int) -> str:
+        """The file of example `index`: a path, or `archive:member` (found by reading the
+        archive, so for messages only)."""
+        if self.archive_split is not None:
+            member = _archive_member(Path(self.origin), self.archive_split, self.paths[index])
+            return f"{self.origin}:{member}"
+        return f"{self.origin}/{self.paths[index]}" if self.origin else self.paths[index]
+
+    def stacked_images(
+        self, shape: Sequence[int] | None = None, like: str = "the others"
+    ) -> np.ndarray:
+        """All images as one [N, H, W, C] array, every image of `shape` (default: the shape
+        most images have, said as `like`); else a ValueError naming the first file of another
+        shape."""
+        shapes = self.images.shapes
+        if shape is None and len(shapes):
+            values, counts = np.unique(shapes, axis=0, return_counts=True)
+            shape = values[np.argmax(counts)]
+        odd = np.flatnonzero(np.any(shapes != np.asarray(shape), axis=1)) if len(shapes) else []
+        if len(odd):
+            raise ValueError(
+                f"{self.file_of(int(odd[0]))}: image is {_hwc(shapes[odd[0]])} (HxWxC), "
+                f"{like} are {_hwc(shape)} ({len(odd)} of {len(shapes)} images differ); every "
+                "image must have one shape"
+            )
+        return self.images.stacked()
 
     @property
     def num_classes(self) -> int:
@@ -173,6 +204,10 @@ class NaturalClients:
 # --------------------------------------------------------------------------- image folders
 
 
+def _hwc(shape) -> str:
+    return "x".join(str(int(v)) for v in shape)
+
+
 def image_folder(
     root: PathLike,
     split: str,
@@ -192,7 +227,9 @@ def image_folder(
     root = _existing(root, "data.root", "an image folder or a .tar/.tar.gz of one")
     spec = cache_lib.DecodeSpec("image", tuple(image_size) if image_size else None)
     if root.is_file():
-        if not tarfile.is_tarfile(root):
+        with _reading_archive(root):
+            is_tar = tarfile.is_tarfile(root)
+        if not is_tar:
             raise ValueError(
                 f"data.root={str(root)!r} is a file but not a tar archive; must be an image "
                 "folder or a .tar/.tar.gz of one"
@@ -209,7 +246,7 @@ def image_folder(
             raise FileNotFoundError(
                 f"split={split!r} is not in {root}; found splits: {', '.join(splits) or 'none'}"
             )
-        return _open_classification(entry, class_names, split)
+        return _open_classification(entry, class_names, split, origin=str(root), in_archive=True)
     split_dir = _split_dir(root, split)
     files = _class_files(split_dir, root)
     relative = [f"{name}/{file}" for name, file in files]
@@ -225,7 +262,7 @@ def image_folder(
         _write_classification_meta(out, files)
 
     entry = cache_lib.get_or_build(cache_dir, "image_folder", key, build)
-    return _open_classification(entry, class_names)
+    return _open_classification(entry, class_names, origin=str(split_dir))
 
 
 def _split_dir(root: Path, split: str) -> Path:
@@ -262,16 +299,18 @@ def _build_from_tar(
     """Decodes every split of the archive in one pass: reading a .tar.gz costs as much as
     decoding it, so a second split would otherwise pay for the whole archive again."""
     files: list[tuple[str, str, str]] = []  # (split, class, file) in archive order
-    with tarfile.open(archive) as tar:
+    with _reading_archive(archive) as where, tarfile.open(archive) as tar:
 
         def stream() -> Iterator[tuple[str, bytes]]:
             for member in tar:  # sequential: a gzip stream cannot seek back cheaply
+                where[0] = f"in member {member.name}"
                 parts = PurePosixPath(member.name).parts
                 parts = parts[1:] if parts[:1] == (".",) else parts
                 # <split>/<class>/<file>, or <top>/<split>/<class>/<file>
                 if member.isfile() and len(parts) in (3, 4) and _is_image_name(parts[-1]):
                     files.append(parts[-3:])
                     yield f"{archive}:{member.name}", tar.extractfile(member).read()
+                where[0] = f"after member {member.name}"
 
         cache_lib.write_store(
             out, cache_lib.decode_many(stream(), spec, None, num_workers), name="~all"
@@ -285,6 +324,43 @@ def _build_from_tar(
         (out / f"~all{suffix}").unlink()
 
 
+# What reading a damaged or cut-short archive raises: gzip's EOFError, zlib.error, tarfile's
+# ReadError, and OSErrors without an errno (BadGzipFile, bz2's "Invalid data stream"); an
+# OSError with one (no space, permission) is the system's, not the archive's.
+_ARCHIVE_ERRORS = (EOFError, OSError, tarfile.TarError, zlib.error)
+
+
+def _archive_damage(error: BaseException) -> bool:
+    return isinstance(error, _ARCHIVE_ERRORS) and getattr(error, "errno", None) is None
+
+
+@contextlib.contextmanager
+def _reading_archive(archive: Path) -> Iterator[list[str]]:
+    """Turns a damaged archive's error into one line naming it and the member it was in
+    (the block keeps `where[0]` up to date)."""
+    where = ["at its start"]
+    try:
+        yield where
+    except _ARCHIVE_ERRORS as error:
+        if not _archive_damage(error):
+            raise
+        raise ValueError(
+            f"{archive}: the archive is cut short or damaged {where[0]} ({error}); must be a "
+            "complete .tar or .tar.gz"
+        ) from None
+
+
+def _archive_member(archive: Path, split: str, path: str) -> str:
+    """The name of the member `<split>/<path>` (maybe under a top folder) in `archive`."""
+    suffix = f"{split}/{path}"
+    with contextlib.suppress(*_ARCHIVE_ERRORS), tarfile.open(archive) as tar:
+        for member in tar:
+            name = member.name.removeprefix("./")
+            if name == suffix or name.endswith(f"/{suffix}"):
+                return member.name
+    return suffix
+
+
 def _write_classification_meta(
     out: Path, files: Sequence[tuple[str, str]], store: str = "images"
 ) -> None:
@@ -292,7 +368,12 @@ def _write_classification_meta(
 
 
 def _open_classification(
-    entry: Path, class_names: Sequence[str] | None, store: str = "images"
+    entry: Path,
+    class_names: Sequence[str] | None,
+    store: str = "images",
+    *,
+    origin: str = "",
+    in_archive: bool = False,
 ) -> ClassificationSource:
     files = json.loads((entry / f"{store}.files.json").read_text())
     folders = sorted({folder for folder, _ in files})
@@ -308,6 +389,8 @@ def _open_classification(
         labels=np.asarray([ids[folder] for folder, _ in files], np.int32),
         class_names=tuple(class_names),
         paths=tuple(f"{folder}/{file}" for folder, file in files),
+        origin=origin,
+        archive_split=store if in_archive else None,
     )
 
 
@@ -942,7 +1025,11 @@ def natural_clients_csv(
     clients = natural(labels, len(order), 0, client_ids=example_client_ids)
     return NaturalClients(
         source=ClassificationSource(
-            images=images, labels=labels, class_names=tuple(class_names), paths=tuple(paths)
+            images=images,
+            labels=labels,
+            class_names=tuple(class_names),
+            paths=tuple(paths),
+            origin=str(image_root),
         ),
         example_client_ids=example_client_ids,
         client_ids=tuple(str(c) for c in order),

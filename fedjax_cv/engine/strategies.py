@@ -20,10 +20,11 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fedjax_cv.engine import hosts
 from fedjax_cv.engine.cohort import ClientInfo, Cohort, client_key, pad_clients
 
 STRATEGIES = ("auto", "vmap", "sequential", "host")
-CLIENT_AXIS = "clients"
+CLIENT_AXIS = hosts.CLIENT_AXIS
 
 
 class ClientProgram(NamedTuple):
@@ -86,7 +87,15 @@ def default_unroll(num_steps: int, backend: str | None = None) -> int | bool:
 def has_empty_steps(cohort: Cohort) -> bool:
     """Whether some client has a step without a real example (then steps are gated, which
     costs 15-20% of a small model's step on CPU; a cohort of equal clients has none)."""
-    return not bool(np.asarray(cohort.mask).any(axis=-1).all())
+    mask = cohort.mask
+    if isinstance(mask, jax.Array) and not mask.is_fully_addressable:  # a global cohort
+        return not bool(_every_step_has_examples(mask))
+    return not bool(np.asarray(mask).any(axis=-1).all())
+
+
+@jax.jit
+def _every_step_has_examples(mask: jax.Array) -> jax.Array:
+    return mask.any(axis=-1).all()
 
 
 def _sum_vmap(program, shared, cohort: Cohort, local, round_key, unroll=None, gate_steps=True):
@@ -207,17 +216,23 @@ class HostLoop:
 
 
 def client_mesh(devices=None) -> Mesh | None:
-    """A one-axis mesh `clients` over all devices (all hosts' devices after
-    `jax.distributed.initialize`), or None on a single device."""
-    devices = jax.devices() if devices is None else list(devices)
+    """A one-axis mesh `clients` over all devices (all processes' devices after
+    `jax.distributed.initialize`, each process's devices one block), or None on a single
+    device."""
+    devices = hosts.mesh_devices(devices)
     if len(devices) == 1:
         return None
     return Mesh(np.array(devices), (CLIENT_AXIS,))
 
 
 def shard_cohort(cohort: Cohort, mesh: Mesh | None) -> Cohort:
-    """Pads the cohort to a multiple of the mesh size and places its client axis over it."""
+    """Pads the cohort to a multiple of the mesh size and places its client axis over it.
+    A global cohort (`hosts.global_cohort`, built by many processes) is already both."""
     if mesh is None:
+        return cohort
+    if any(
+        isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(cohort)
+    ):
         return cohort
     size = mesh.shape[CLIENT_AXIS]
     cohort = pad_clients(cohort, -(-cohort.num_clients // size) * size)
@@ -231,14 +246,22 @@ def has_conv_kernels(params) -> bool:
 def resolve_strategy(strategy: str, params, backend: str | None = None) -> str:
     """'auto' on CPU: `host` for conv models (see `HostLoop`), `sequential` for the rest (a
     single client's matmuls beat vmap's batched ones there: 82k vs 65k client-examples/s on a
-    logistic round); `vmap` on accelerators."""
+    logistic round); `vmap` on accelerators. With several processes (one global mesh) never
+    `host`: it runs every client from one Python loop, so 'auto' picks `sequential` on CPU
+    and 'host' is refused."""
     if strategy not in STRATEGIES:
         raise ValueError(
             f"algorithm.strategy={strategy!r} is unknown; allowed: {', '.join(STRATEGIES)}"
+        )
+    many = jax.process_count() > 1
+    if strategy == "host" and many:
+        raise ValueError(
+            f"algorithm.strategy='host' is not allowed with {jax.process_count()} processes; "
+            "it runs in one process only; use auto, vmap or sequential"
         )
     if strategy != "auto":
         return strategy
     backend = backend or jax.default_backend()
     if backend == "cpu":
-        return "host" if has_conv_kernels(params) else "sequential"
+        return "host" if has_conv_kernels(params) and not many else "sequential"
     return "vmap"

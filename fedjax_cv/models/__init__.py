@@ -11,7 +11,7 @@ from fedjax_cv.models.efficientnet import EFFICIENTNETS, EfficientNet
 from fedjax_cv.models.mobilenet_v2 import MobileNetV2
 from fedjax_cv.models.mobilenet_v3 import MobileNetV3, MobileNetV3Large, MobileNetV3Small
 from fedjax_cv.models.norm import NORMS, Norm, group_count
-from fedjax_cv.models.registry import get_model, model_names, register_model
+from fedjax_cv.models.registry import get_model, model_fields, model_names, register_model
 from fedjax_cv.models.report import ModelReport, count_params, model_report
 from fedjax_cv.models.resnet import ResNet, ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
 from fedjax_cv.models.small_cnn import CNNEmnist, CNNHsu, Logistic
@@ -71,6 +71,7 @@ __all__ = [
     "Norm",
     "group_count",
     "get_model",
+    "model_fields",
     "model_names",
     "register_model",
     "Logistic",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -29,6 +30,20 @@ def _field_names(factory: ModelFactory) -> set[str]:
     if dataclasses.is_dataclass(target):
         return {f.name for f in dataclasses.fields(target)} - {"parent", "name"}
     return set()
+
+
+def model_fields(name: str) -> dict[str, type]:
+    """The fields `get_model(name, ...)` takes as keywords, with their annotated types, less
+    `num_classes`; empty for a factory that is not a Flax module."""
+    target = getattr(_MODELS[name], "func", _MODELS[name])
+    if not dataclasses.is_dataclass(target):
+        return {}
+    hints = typing.get_type_hints(target)
+    return {
+        f.name: hints.get(f.name, f.type)
+        for f in dataclasses.fields(target)
+        if f.name not in ("parent", "name", "num_classes")
+    }
 
 
 def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
