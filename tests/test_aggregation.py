@@ -6,7 +6,6 @@ called directly; bad settings refused in one line."""
 from __future__ import annotations
 
 import math
-import textwrap
 
 import dp_accounting
 import jax
@@ -21,7 +20,7 @@ from fedjax_cv.algorithms.registry import build_algorithm, build_pipeline, dp_ac
 from fedjax_cv.config_base import base_config
 from fedjax_cv.validation import ConfigError, validate_config
 from tests import linear_problem as lp
-from tests.xla import run_on_devices
+from tests.xla import assert_results_agree, sharded_path_results
 
 LR = 0.1
 STRATEGIES = ("vmap", "sequential", "host")
@@ -273,35 +272,13 @@ def path_results(strategy: str, mesh=None) -> dict[str, np.ndarray]:
 
 def test_every_stage_agrees_on_every_strategy():
     results = {s: path_results(s) for s in STRATEGIES}
-    for strategy, result in results.items():
-        for key, value in results["vmap"].items():
-            np.testing.assert_allclose(result[key], value, atol=1e-5, err_msg=f"{strategy} {key}")
+    assert_results_agree(results, results["vmap"])
 
 
 def test_every_stage_agrees_on_eight_sharded_devices(tmp_path):
     """Six clients padded to 8 on the mesh: the two padded clients must never vote."""
-    out = tmp_path / "results.npz"
-    script = textwrap.dedent(
-        f"""
-        import jax, numpy as np
-        from fedjax_cv.engine import client_mesh
-        from tests.test_aggregation import path_results
-        assert jax.device_count() == 8
-        results = {{}}
-        for strategy in ("vmap", "sequential"):
-            for key, value in path_results(strategy, client_mesh()).items():
-                results[f"{{strategy}}/{{key}}"] = value
-        np.savez({str(out)!r}, **results)
-        """
-    )
-    run_on_devices(script)
-    sharded = dict(np.load(out))
-    single = path_results("vmap")
-    for strategy in ("vmap", "sequential"):
-        for key, value in single.items():
-            np.testing.assert_allclose(
-                sharded[f"{strategy}/{key}"], value, atol=1e-5, err_msg=f"{strategy} {key}"
-            )
+    sharded = sharded_path_results("tests.test_aggregation", tmp_path / "results.npz")
+    assert_results_agree(sharded, path_results("vmap"))
 
 
 # ------------------------------------------------------------------------------------------

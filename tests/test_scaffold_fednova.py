@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import textwrap
 
 import jax
 import numpy as np
@@ -22,7 +21,7 @@ from fedjax_cv.config_base import base_config
 from fedjax_cv.validation import ConfigError, validate_config
 from tests import linear_problem as lp
 from tests.test_resume import CONFIG, ROOT, resume_check
-from tests.xla import run_on_devices
+from tests.xla import assert_results_agree, sharded_path_results
 
 LR = 0.1
 STRATEGIES = ("vmap", "sequential", "host")
@@ -267,35 +266,13 @@ def path_results(strategy: str, mesh=None) -> dict[str, np.ndarray]:
 
 def test_scaffold_and_fednova_agree_on_every_strategy():
     results = {s: path_results(s) for s in STRATEGIES}
-    for strategy, result in results.items():
-        for key, value in results["vmap"].items():
-            np.testing.assert_allclose(result[key], value, atol=1e-5, err_msg=f"{strategy} {key}")
+    assert_results_agree(results, results["vmap"])
 
 
 def test_scaffold_and_fednova_agree_on_eight_sharded_devices(tmp_path):
     """Three clients padded to 8 on the mesh: padded clients neither vote nor write c_i."""
-    out = tmp_path / "results.npz"
-    script = textwrap.dedent(
-        f"""
-        import jax, numpy as np
-        from fedjax_cv.engine import client_mesh
-        from tests.test_scaffold_fednova import path_results
-        assert jax.device_count() == 8
-        results = {{}}
-        for strategy in ("vmap", "sequential"):
-            for key, value in path_results(strategy, client_mesh()).items():
-                results[f"{{strategy}}/{{key}}"] = value
-        np.savez({str(out)!r}, **results)
-        """
-    )
-    run_on_devices(script)
-    sharded = dict(np.load(out))
-    single = path_results("vmap")
-    for strategy in ("vmap", "sequential"):
-        for key, value in single.items():
-            np.testing.assert_allclose(
-                sharded[f"{strategy}/{key}"], value, atol=1e-5, err_msg=f"{strategy} {key}"
-            )
+    sharded = sharded_path_results("tests.test_scaffold_fednova", tmp_path / "results.npz")
+    assert_results_agree(sharded, path_results("vmap"))
 
 
 # ------------------------------------------------------------------------------------------
