@@ -3,8 +3,8 @@
     python benchmarks/robustness.py --out=/tmp/robustness [--rounds=40] [--runs=NAME,...]
 
 Runs `configs/shapes_fedavg.py` (100 clients, 10 a round, FedAvg with client momentum) through
-launch/train.py once per row: no attack, and 30% of each round's clients sign-flipping their
-delta or scaling it by 10, each under the mean (FedAvg), the coordinate median, the trimmed
+launch/train.py once per row: no attack, and 30% of each round's clients sending -delta,
+-4 x delta or 10 x delta, each under the mean (FedAvg), the coordinate median, the trimmed
 mean (beta = 0.3, so 3 of 10 values are cut from each end) and Multi-Krum (f = 3); then
 DP-FedAvg rows (clip 1, noise multipliers 0.3 and 1.0) with their epsilon at delta 1e-5.
 Each row's workdir lives under --out: running the same command again resumes unfinished rows
@@ -36,6 +36,11 @@ AGGREGATORS = {
 ATTACKS = {
     "none": [],
     "sign_flip": ["--config.attack.name=sign_flip", "--config.attack.fraction=0.3"],
+    "sign_flip_x4": [
+        "--config.attack.name=sign_flip",
+        "--config.attack.fraction=0.3",
+        "--config.attack.scale=4.0",
+    ],
     "scale": [
         "--config.attack.name=scale",
         "--config.attack.fraction=0.3",

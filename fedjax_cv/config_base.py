@@ -123,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
     # none | sign_flip | scale | gaussian | label_flip | backdoor
     config.attack.name = "none"
     config.attack.fraction = 0.0
-    config.attack.scale = 10.0  # scale: the factor on the delta
+    config.attack.scale = by_name()  # the factor on the delta: scale 10, sign_flip 1 (-1x)
     config.attack.stddev = 1.0  # gaussian: the noise's standard deviation
     config.attack.target_label = 0  # backdoor
     config.attack.patch_size = 3  # backdoor: the trigger square's side in pixels

@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import pathlib
@@ -22,38 +21,27 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from fedjax_cv import checkpointing, curves
+from fedjax_cv import api, checkpointing, curves
 from fedjax_cv.algorithms.attacks import Attack, backdoor_test_batch, check_attack
 from fedjax_cv.algorithms.param_groups import frozen_fraction, head_rules
 from fedjax_cv.algorithms.registry import build_algorithm
+from fedjax_cv.api import params_sha256
 from fedjax_cv.checkpointing import CheckpointError
-from fedjax_cv.data.augment import Augmentation, make_augmentation
+from fedjax_cv.data.augment import Augmentation
 from fedjax_cv.data.cohort import test_batches
 from fedjax_cv.data.federated import FederatedDataset
 from fedjax_cv.data.pipeline import GrainCohortBuilder
 from fedjax_cv.data.registry import build_dataset, partition_params
 from fedjax_cv.engine import hosts
 from fedjax_cv.engine.strategies import client_mesh
-from fedjax_cv.models import get_model
 from fedjax_cv.models.weights import LoadReport, WeightsError, head_modules, load_pretrained
-from fedjax_cv.tasks import Task, get_task, pictures, task_names
+from fedjax_cv.tasks import Task, pictures
 from fedjax_cv.validation import ConfigError, validate_config
 from fedjax_cv.workdir import WorkdirError, WorkdirLock, check_workdir
-
-_INIT_STREAM, _TRAIN_STREAM = 0, 1
-
-
-def params_sha256(params) -> str:
-    """SHA-256 of the params' raw bytes, leaves in tree order: equal digests, equal models."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
-    return digest.hexdigest()
 
 
 @dataclasses.dataclass
@@ -63,7 +51,7 @@ class Experiment:
     config: ml_collections.ConfigDict
     dataset: FederatedDataset
     task: Task
-    model: Any
+    model: api.Model  # the module, its initial variables (after model.weights) and its task
     algorithm: Any
     cohorts: GrainCohortBuilder
     eval_fn: Any
@@ -89,79 +77,26 @@ def _class_prior(config, dataset: FederatedDataset) -> np.ndarray:
     return prior
 
 
-# XLA's algebraic simplifier folds a chain of constant factors into one ((x * sqrt 2) * std ->
-# x * (sqrt 2 * std) in `jax.random.normal` under an initialiser's scale), which moves a kernel
-# by an ulp; without it the compiled init gives the params of an op-by-op init bit for bit.
-_INIT_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "algsimp"}
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled_init(model):
-    """`model.init` as one compiled computation instead of a dispatch (and a small compile) per
-    initialiser, the same random bits and arithmetic; kept for an equal model built again."""
-    return jax.jit(
-        functools.partial(model.init, train=False), compiler_options=_INIT_COMPILER_OPTIONS
-    )
-
-
-def _init_variables(model, key, sample) -> dict:
-    try:
-        init = _compiled_init(model)
-    except TypeError:  # a model with an unhashable field cannot be kept
-        init = _compiled_init.__wrapped__(model)
-    return init(key, sample)
-
-
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     """Validates `config` and builds the run; raises ConfigError / ValueError on bad input."""
     validate_config(config)
     dataset = build_dataset(config.data, config.seed)
-    try:
-        task = get_task(dataset.task)
-    except ValueError:
-        raise ConfigError(
-            f"data.name={config.data.name!r} is {dataset.task} data; training is implemented for "
-            f"{', '.join(task_names())} so far (inspect it with python -m fedjax_cv.data.inspect)"
-        ) from None
-    model_kwargs = dict(config.model.kwargs.to_dict())
-    if config.model.norm != "auto":
-        model_kwargs["norm"] = config.model.norm
-    try:
-        model = get_model(config.model.name, dataset.num_classes, **model_kwargs)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    root_key = jax.random.key(config.seed)
-    eval_transform = make_augmentation(config.data.augmentation).deterministic()
-    eval_transform = None if eval_transform.is_identity else eval_transform
-    batch, _ = next(test_batches({"image": dataset.train["image"]}, 1, eval_transform))
-    sample = jnp.asarray(batch["image"])
-    init_key = jax.random.fold_in(root_key, _INIT_STREAM)
-    try:  # the model's own checks of its fields (output_stride, ...) run at trace time
-        output = jax.eval_shape(
-            lambda x: model.init_with_output(init_key, x, train=False)[0], sample
-        )
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    try:
-        task.check_output(
-            jax.tree.map(lambda leaf: leaf.shape, output),
-            sample.shape,
-            f"model.name={config.model.name!r}",
-        )
-    except ValueError as error:
-        raise ConfigError(f"{error} (data.name={config.data.name!r} is {task.name} data)") from None
-    variables = _init_variables(model, init_key, sample)
+    model = api.build_model(
+        config.model, dataset, seed=config.seed, augmentation=config.data.augmentation
+    )
+    task, module, variables = model.task, model.module, model.variables
     notes, report = [], None
     if config.model.weights:
         try:
-            variables, report = load_pretrained(variables, config.model.weights, model=model)
+            variables, report = load_pretrained(variables, config.model.weights, model=module)
         except WeightsError as error:
             raise ConfigError(str(error)) from None
         notes.append(f"model.weights={config.model.weights!r}: {report.summary()}")
+        model = dataclasses.replace(model, variables=variables)
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
     param_rules = head_rules(
-        head_modules(model),
+        head_modules(module),
         freeze_backbone=config.model.freeze == "backbone",
         head_lr=config.model.head_lr,
     )
@@ -175,7 +110,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         raise ConfigError(str(error)) from None
     algorithm = build_algorithm(
         config.algorithm,
-        task.make_loss_fn(model),
+        model.loss_fn,
         num_rounds=config.num_rounds,
         class_prior=_class_prior(config, dataset),
         metric_names=task.metric_names,
@@ -188,17 +123,17 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         initial_state = algorithm.init(params, model_state, num_clients=len(dataset.clients))
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    cohorts = GrainCohortBuilder(
-        dataset=dataset,
-        client_sampler=algorithm.client_sampler,
-        example_sampler=algorithm.example_sampler,
+    cohorts = api.cohorts(
+        dataset,
+        algorithm,
         clients_per_round=config.algorithm.clients_per_round,
         batch_size=config.algorithm.batch_size,
         seed=config.seed,
-        poisoned_clients=config.data.poisoned_clients,
-        attack=attack if attack.active else None,
         augmentation=config.data.augmentation,
         num_workers=config.data.num_workers,
+        poisoned_clients=config.data.poisoned_clients,
+        attack=attack,
+        builder=GrainCohortBuilder,  # this module's name: tests swap in a faulty builder
     )
     return Experiment(
         config=config,
@@ -207,11 +142,11 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         model=model,
         algorithm=algorithm,
         cohorts=cohorts,
-        eval_fn=task.make_eval_fn(model),
-        eval_transform=eval_transform,
-        predict_fn=task.predict(model),
+        eval_fn=model.eval_fn,
+        eval_transform=api.eval_transform(config.data.augmentation),
+        predict_fn=model.predict_fn,
         initial_state=initial_state,
-        root_key=root_key,
+        root_key=jax.random.key(config.seed),
         notes=tuple(notes),
         weights_report=report,
     )
@@ -226,29 +161,15 @@ def partition_record(experiment: Experiment):
 
 
 def evaluation_stats(experiment: Experiment, state) -> dict:
-    """The task's evaluation statistics of `state` on the whole test split, summed.
-
-    With several processes each evaluates every process_count-th batch with its own copy of
-    the state, and the batches' statistics are merged in batch order on every process: the
-    same sums as one process evaluating them all."""
-    stats = None
-    batches = test_batches(
-        experiment.dataset.test, experiment.config.eval.batch_size, experiment.eval_transform
+    """The task's evaluation statistics of `state` on the whole test split, summed
+    (`api.evaluation_stats` with the config's eval batch size and augmentation)."""
+    return api.evaluation_stats(
+        experiment.model,
+        state,
+        experiment.dataset,
+        batch_size=experiment.config.eval.batch_size,
+        augmentation=experiment.config.data.augmentation,
     )
-    if hosts.is_multiprocess():
-        local = hosts.process_local(state)
-        mine = [
-            (i, jax.device_get(experiment.eval_fn(local.params, local.model_state, *batch)))
-            for i, batch in hosts.my_share(batches)
-        ]
-        for batch_stats in hosts.gather_in_order(mine):
-            stats = experiment.task.merge(stats, batch_stats)
-        return stats
-    for batch, mask in batches:
-        stats = experiment.task.merge(
-            stats, experiment.eval_fn(state.params, state.model_state, batch, mask)
-        )
-    return stats
 
 
 def backdoor_success(experiment: Experiment, state) -> dict[str, float]:
@@ -272,7 +193,13 @@ def backdoor_success(experiment: Experiment, state) -> dict[str, float]:
 
 def evaluate(experiment: Experiment, state) -> dict[str, float]:
     """`eval/<metric>` of `state` on the test split (the task's `finalize`)."""
-    metrics = experiment.task.finalize(evaluation_stats(experiment, state))
+    metrics = api.evaluate(
+        experiment.model,
+        state,
+        experiment.dataset,
+        batch_size=experiment.config.eval.batch_size,
+        augmentation=experiment.config.data.augmentation,
+    )
     return {f"eval/{key}": value for key, value in metrics.items()} | backdoor_success(
         experiment, state
     )
@@ -292,12 +219,12 @@ def evaluate_and_report(experiment: Experiment, state, workdir: pathlib.Path, co
     state = hosts.process_local(state)  # what follows runs on process 0 alone
     details = {"round": completed, **task.details(stats, experiment.dataset.class_names)}
     (workdir / "eval_details.json").write_text(json.dumps(details, indent=1) + "\n")
-    batch, _ = next(test_batches(experiment.dataset.test, NUM_PICTURED, experiment.eval_transform))
-    predicted = experiment.predict_fn(state.params, state.model_state, batch["image"])
-    figure = task.plot_predictions(
-        batch,
-        jax.device_get(predicted),
-        experiment.dataset.class_names,
+    figure = api.plot_predictions(
+        experiment.model,
+        state,
+        experiment.dataset,
+        num_images=NUM_PICTURED,
+        augmentation=experiment.config.data.augmentation,
         title=f"round {completed}: predicted / true",
     )
     pictures.save(figure, workdir / "predictions" / f"round_{completed:05d}.png")
@@ -663,7 +590,6 @@ def _run_rounds(experiment, state, start_round, manager, writer, workdir) -> dic
     config = experiment.config
     shown = ("train/loss",) + _score_keys(experiment.task)
     num_rounds = config.num_rounds
-    train_key = jax.random.fold_in(experiment.root_key, _TRAIN_STREAM)
     kill_round = int(os.environ.get("FEDJAX_CV_FAULT_KILL_DURING_SAVE", "0"))
     record: dict[str, Any] = {"round": start_round}
     progress = tqdm(
@@ -684,7 +610,7 @@ def _run_rounds(experiment, state, start_round, manager, writer, workdir) -> dic
                 next_cohort = prefetch.submit(cohorts, round_index + 1)
             started = time.perf_counter()
             state, round_metrics = experiment.algorithm.apply(
-                state, cohort, jax.random.fold_in(train_key, round_index)
+                state, cohort, api.round_key(experiment.root_key, round_index)
             )
             train = _jsonable(jax.device_get(round_metrics))
             train["examples_per_s"] = train["num_examples"] / (time.perf_counter() - started)

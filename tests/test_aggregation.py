@@ -171,12 +171,17 @@ def test_adaptive_dp_clip_follows_the_noised_unclipped_count():
 
 
 @pytest.mark.parametrize(
-    "name, corrupt",
-    [("sign_flip", lambda r: -r), ("scale", lambda r: 10.0 * r)],
+    "name, scale, corrupt",
+    [
+        ("sign_flip", None, lambda r: -r),
+        ("sign_flip", 4.0, lambda r: -4.0 * r),
+        ("scale", None, lambda r: 10.0 * r),
+        ("scale", 3.0, lambda r: 3.0 * r),
+    ],
 )
-def test_update_attacks_corrupt_exactly_the_attackers_deltas(name, corrupt):
+def test_update_attacks_corrupt_exactly_the_attackers_deltas(name, scale, corrupt):
     c = cohort(ATTACKERS)
-    stage = attacks.attack_stage(attacks.Attack(name, fraction=1 / 3, scale=10.0))
+    stage = attacks.attack_stage(attacks.Attack(name, fraction=1 / 3, scale=scale))
     state, metrics = one_round(pipeline_of(stages=[stage]), c)
     rows = client_deltas(c)
     rows[ATTACKERS] = corrupt(rows[ATTACKERS])

@@ -83,6 +83,7 @@ def bits_of(tree) -> list[bytes]:
 # No compression at the limits, bit for bit.
 
 
+@pytest.mark.default_xla  # two programs, one result: as XLA compiles them by default
 @pytest.mark.parametrize(
     "stage, per_coordinate",
     [(compression.stochastic_quantization(32), 4), (compression.top_k(1.0), 4 + 4)],

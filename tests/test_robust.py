@@ -15,7 +15,7 @@ import pytest
 import scipy.optimize
 import scipy.stats
 
-from fedjax_cv.algorithms import robust
+from fedjax_cv.algorithms import aggregation, robust
 from tests.xla import jit
 
 COHORT = 11  # one padded cohort size for every test: one compilation per aggregator
@@ -238,14 +238,35 @@ def test_geometric_median_matches_scipy_minimisation(seed):
 
 
 # ------------------------------------------------------------------------------------------
-# Norm bounding.
+# Norm bounding: the pipeline's client-side stages, here on each client of a stack.
 
 
-def test_bound_norms_is_exact():
+def stage_round(stage, state, deltas, weights):
+    """The stage's client part on every client of the stack (vmapped, as the vmap strategy
+    runs it), then its server part: (deltas after the client part, new state, metrics)."""
+    pipeline = aggregation.Pipeline(stages=(stage,))
+    shared = {} if state is None else {stage.name: state}
+
+    def client(delta, weight, index):
+        view = aggregation.ClientView(None, jax.random.key(index), weight)
+        delta, _, sums = pipeline.client(shared, delta, {}, view)
+        return delta, sums
+
+    out, sums = jax.vmap(client)(deltas, weights, jnp.arange(weights.shape[0]))
+    num_votes = jnp.sum(weights > 0).astype(jnp.float32)
+    view = aggregation.ServerView(jax.random.key(0), num_votes, num_votes)
+    summed = jax.tree.map(lambda s: jnp.sum(s, axis=0), sums)
+    _, shared, metrics = pipeline.server(shared, None, summed, view)
+    return out, shared.get(stage.name), metrics
+
+
+def test_norm_bound_is_exact():
     deltas, weights, real = random_stack(8, seed=400)
     norms = np.linalg.norm(flat(deltas, COHORT), axis=1)
     bound = float(np.median(norms[real]))
-    clipped, metrics = jit(robust.bound_norms)(deltas, weights, bound)
+    clipped, _, metrics = jit(lambda d, w: stage_round(aggregation.norm_bound(bound), None, d, w))(
+        deltas, weights
+    )
     after = flat(clipped, COHORT)
     for c in np.flatnonzero(real):
         if norms[c] > bound:
@@ -259,14 +280,17 @@ def test_bound_norms_is_exact():
     assert metrics["norm_clipped"] == pytest.approx(np.mean(norms[real] > bound))
 
 
+def adaptive(initial, gamma, eta):
+    return aggregation.adaptive_norm_bound(initial, target_quantile=gamma, learning_rate=eta)
+
+
 def test_adaptive_bound_follows_the_geometric_quantile_update():
     deltas, weights, real = random_stack(9, seed=500)
     norms = np.linalg.norm(flat(deltas, COHORT), axis=1)[real]
     gamma, eta = 0.3, 0.2
-    step = jit(
-        functools.partial(robust.adaptive_bound_norms, target_quantile=gamma, learning_rate=eta)
-    )
-    state = robust.norm_bound_init(1.5)
+    stage = adaptive(1.5, gamma, eta)
+    step = jit(lambda state, d, w: stage_round(stage, state, d, w))
+    state = stage.init(None)
     bound = 1.5
     for _ in range(3):
         _, state, metrics = step(state, deltas, weights)
@@ -280,13 +304,13 @@ def test_adaptive_bound_converges_to_the_target_quantile():
     rng = np.random.default_rng(1)
     norms = np.exp(rng.normal(size=(300, COHORT))).astype(np.float32)  # 300 rounds
     weights = np.ones(COHORT, np.float32)
+    stage = adaptive(0.1, 0.7, 0.1)
 
     def round_(state, round_norms):
-        deltas = {"w": round_norms[:, None]}
-        _, state, _ = robust.adaptive_bound_norms(state, deltas, weights, 0.7, 0.1)
+        _, state, _ = stage_round(stage, state, {"w": round_norms[:, None]}, weights)
         return state, state.bound
 
-    _, bounds = jit(lambda s, n: jax.lax.scan(round_, s, n))(robust.norm_bound_init(0.1), norms)
+    _, bounds = jit(lambda s, n: jax.lax.scan(round_, s, n))(stage.init(None), norms)
     target = np.quantile(norms, 0.7)
     assert abs(np.mean(bounds[-100:]) / target - 1) < 0.1
 

@@ -296,7 +296,7 @@ def test_a_small_unet_overfits_four_real_coco128_images():
     # 10 rounds of 25 local epochs of one batch of the four: 250 momentum-SGD steps.
     algorithm = algorithms.fedavg(
         segmentation.make_loss_fn(model),
-        0.2,
+        0.1,
         client_momentum=0.9,
         local_epochs=25,
         metric_names=segmentation.METRIC_NAMES,

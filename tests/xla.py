@@ -30,7 +30,8 @@ def jit(fn):
 def run_on_devices(script: str, count: int = 8) -> subprocess.CompletedProcess:
     """Runs `script` in a new Python process with `count` CPU devices, from the repository
     root (so `tests.` imports work); fails the test when it exits non-zero."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True
     )

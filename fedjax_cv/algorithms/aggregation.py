@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from fedjax_cv.algorithms import privacy, robust
 from fedjax_cv.algorithms.secure_aggregation import SecureAggregation
@@ -200,12 +201,27 @@ def norm_bound(max_norm: float) -> Stage:
     return Stage("norm_bound", client=client, server=server)
 
 
+@struct.dataclass
+class NormBoundState:
+    """The adaptive norm bound between rounds (in `ServerState.aggregation`)."""
+
+    bound: jax.Array  # float32 scalar
+
+
+def norm_bound_init(initial_bound: float) -> NormBoundState:
+    if not initial_bound > 0:
+        raise ValueError(
+            f"algorithm.aggregator.norm_bound={initial_bound!r} is not allowed; must be > 0"
+        )
+    return NormBoundState(bound=jnp.asarray(initial_bound, jnp.float32))
+
+
 def adaptive_norm_bound(
     initial_bound: float, target_quantile: float = 0.5, learning_rate: float = 0.2
 ) -> Stage:
     """`norm_bound` whose bound follows the `target_quantile` of the clients' update norms by
     Andrew et al.'s geometric step (2021), without noise: the bound is not private here."""
-    robust.norm_bound_init(initial_bound)  # checks the bound
+    norm_bound_init(initial_bound)  # checks the bound
     privacy.check_adaptive_clip(initial_bound, target_quantile, learning_rate)
 
     def client(state, delta, own, view):
@@ -229,7 +245,7 @@ def adaptive_norm_bound(
         "norm_bound",
         client=client,
         server=server,
-        init=lambda params: robust.norm_bound_init(initial_bound),
+        init=lambda params: norm_bound_init(initial_bound),
     )
 
 

@@ -12,8 +12,10 @@ Two kinds:
   of them the model assigns to the target once the trigger is stamped
   (`eval/backdoor_success`, beside the clean accuracy).
 - on the update, after it trains (`corrupt_stage`, a client-side stage of the aggregation
-  pipeline): `sign_flip` sends -delta, `scale` sends scale x delta (model replacement,
-  Bagdasaryan et al. 2020), `gaussian` sends N(0, stddev^2) noise in place of the delta.
+  pipeline): `sign_flip` sends -scale x delta (scale 1 unless set: plain -delta only
+  slows the mean down, 7 honest votes against 3 still point downhill; scale 4 reverses it),
+  `scale` sends scale x delta (scale 10 unless set; model replacement, Bagdasaryan et al.
+  2020), `gaussian` sends N(0, stddev^2) noise in place of the delta.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ ATTACKS = ("none", "sign_flip", "scale", "gaussian", "label_flip", "backdoor")
 DATA_ATTACKS = ("label_flip", "backdoor")
 LABEL_TASKS = {"label_flip": ("classification", "segmentation"), "backdoor": ("classification",)}
 ATTACK_STREAM = 7  # the host rng stream of attacker choice, beside sampling's streams
+DEFAULT_SCALE = {"sign_flip": 1.0, "scale": 10.0}  # `attack.scale` left unset
 TRIGGER_VALUE = 1.0  # white after `normalize_images` ((255 / 255 - 0.5) / 0.5)
 
 
@@ -38,7 +41,7 @@ class Attack(NamedTuple):
 
     name: str = "none"
     fraction: float = 0.0  # of each round's clients
-    scale: float = 10.0  # `scale`: the factor on the delta
+    scale: float | None = None  # the factor on the delta; None: DEFAULT_SCALE[name]
     stddev: float = 1.0  # `gaussian`: the noise's standard deviation
     target_label: int = 0  # `backdoor`
     patch_size: int = 3  # `backdoor`: the trigger's side in pixels
@@ -47,6 +50,11 @@ class Attack(NamedTuple):
     @property
     def active(self) -> bool:
         return self.name != "none" and self.fraction > 0
+
+    @property
+    def factor(self) -> float:
+        """The factor `sign_flip` (negated) and `scale` multiply the delta by."""
+        return DEFAULT_SCALE.get(self.name, 1.0) if self.scale is None else float(self.scale)
 
 
 def check_attack(attack: Attack, num_classes: int | None = None, task: str | None = None) -> None:
@@ -61,7 +69,7 @@ def check_attack(attack: Attack, num_classes: int | None = None, task: str | Non
     ):
         if not ok:
             raise ValueError(f"attack.{field}={value!r} is not allowed; must be {allowed}")
-    if not np.isfinite(attack.scale):
+    if attack.scale is not None and not np.isfinite(attack.scale):
         raise ValueError(f"attack.scale={attack.scale!r} is not allowed; must be finite")
     if attack.name in DATA_ATTACKS and task is not None:
         allowed = LABEL_TASKS[attack.name]
@@ -145,12 +153,12 @@ def attack_stage(attack: Attack) -> Stage | None:
     `attack_clients`, the number of attacking clients with a vote."""
     if not attack.active:
         return None
-    scale = jnp.float32(attack.scale)
+    scale = jnp.float32(attack.factor)
     stddev = jnp.float32(attack.stddev)
 
     def corrupt(delta, key):
         if attack.name == "sign_flip":
-            return jax.tree.map(jnp.negative, delta)
+            return jax.tree.map(lambda d: (-scale * d).astype(d.dtype), delta)
         if attack.name == "scale":
             return jax.tree.map(lambda d: (d * scale).astype(d.dtype), delta)
         leaves, structure = jax.tree.flatten(delta)

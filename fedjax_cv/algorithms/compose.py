@@ -9,13 +9,14 @@ FedVC is one call:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fedjax_cv.algorithms import control, sampling
+from fedjax_cv.algorithms import compression, control, sampling
 from fedjax_cv.algorithms.aggregation import Pipeline, server_key
 from fedjax_cv.algorithms.base import FederatedAlgorithm, PerExampleLoss
 from fedjax_cv.algorithms.client import ClientObjective, RoundShared, client_program
@@ -31,6 +32,7 @@ from fedjax_cv.algorithms.server import (
     server_update,
 )
 from fedjax_cv.engine.strategies import (
+    ClientProgram,
     HostLoop,
     has_empty_steps,
     resolve_strategy,
@@ -57,6 +59,32 @@ def client_sgd(
     if weight_decay:
         return optax.chain(optax.add_decayed_weights(weight_decay), sgd)
     return sgd
+
+
+class RoundParts(NamedTuple):
+    """The pieces `apply` makes a round of, each callable on its own, so a round can also run
+    with its clients on other machines (`fedjax_cv.deploy.flower`) through the same code.
+
+    - `program`: the one-client update (`ClientProgram`); run it for one client with
+      `fedjax_cv.engine.strategies.HostLoop` on a one-client cohort;
+    - `round_shared(state, clients, rng) -> RoundShared`: what every client of the round
+      starts from (`clients`: the cohort's `ClientInfo`, leaves `[clients, ...]`);
+    - `server_apply(state, total, clients, kept, rng) -> (state, metrics)`: the server update
+      from the cohort's summed contributions `total` and the per-client `kept` values stacked
+      in cohort order (not jit-compiled; `apply` compiles it).
+    """
+
+    program: ClientProgram
+    round_shared: Callable
+    server_apply: Callable
+
+
+def round_parts(algorithm: FederatedAlgorithm) -> RoundParts:
+    """The `RoundParts` of an algorithm built by `federated_algorithm` (every preset)."""
+    parts = getattr(algorithm.apply, "round_parts", None)
+    if parts is None:
+        raise ValueError("the algorithm was not built by federated_algorithm; it has no parts")
+    return parts
 
 
 def federated_algorithm(
@@ -87,7 +115,8 @@ def federated_algorithm(
     `local` names the values each client keeps across
     rounds (FedBN; see `fedjax_cv.algorithms.local_state`). `pipeline` holds the aggregation
     stages between the client deltas and the server optimizer (robust aggregators, DP,
-    attacks; see `fedjax_cv.algorithms.aggregation`; default: the `aggregation` mean);
+    attacks; see `fedjax_cv.algorithms.aggregation`; default: the `aggregation` mean; without
+    a compression stage, `compression.upload_accounting` is added last);
     `host_metrics(rounds)` adds host-side numbers to the log (DP's epsilon).
     `strategy` picks how clients
     execute ('auto', 'vmap', 'sequential', 'host'; see `fedjax_cv.engine.strategies`); with a
@@ -102,7 +131,7 @@ def federated_algorithm(
             f"algorithm.client.proximal_mu={objective.proximal_mu!r} is not allowed; must be >= 0"
         )
     resolve_strategy(strategy, {})  # rejects an unknown name now, not at the first round
-    pipeline = pipeline or Pipeline()
+    pipeline = compression.with_upload_accounting(pipeline or Pipeline())
     if pipeline.secure is not None and not pipeline.linear:
         raise ValueError(
             f"secure aggregation needs the linear aggregator (mean), not "
@@ -194,6 +223,8 @@ def federated_algorithm(
         if key not in rounds:
             rounds[key] = host_round() if name == "host" else compiled_round(*key)
         return rounds[key](state, cohort, rng)
+
+    apply.round_parts = RoundParts(program, round_shared, update)
 
     def init(params, model_state=None, num_clients: int = 0):
         state = server_init(

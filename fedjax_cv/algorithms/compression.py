@@ -112,6 +112,15 @@ def upload_accounting() -> Stage:
     return _fixed_size_stage(lambda delta, own, view: (delta, own), dense_bytes)
 
 
+def with_upload_accounting(pipeline):
+    """`pipeline` with `upload_accounting()` last when it has no compression stage: every
+    algorithm, from a config or composed in Python, reports `upload_bytes` with the same
+    program."""
+    if any(stage.name == NAME for stage in pipeline.stages):
+        return pipeline
+    return pipeline._replace(stages=tuple(pipeline.stages) + (upload_accounting(),))
+
+
 def quantize(x: jax.Array, bits: int, key: jax.Array) -> jax.Array:
     """Unbiased stochastic uniform quantization of `x` to 2^bits levels between its minimum
     and maximum (QSGD, Alistarh et al. 2017, one bucket; Suresh et al. 2017), dequantized:

@@ -15,9 +15,8 @@ on it. A real client's delta must be finite (the client program already gives a 
 client weight 0).
 
 Norm bounding (Sun et al. 2019, "Can You Really Backdoor Federated Learning?") is a client-side
-transform, not an aggregator: `bound_norms` clips each client's delta before any aggregator,
-`adaptive_bound_norms` with a bound that tracks a quantile of the update norms (the geometric
-update of Andrew et al. 2021), its state passed in and returned.
+transform, not an aggregator: the pipeline's `norm_bound` and `adaptive_norm_bound` stages
+(`fedjax_cv.algorithms.aggregation`) clip each delta before any aggregator.
 """
 
 from __future__ import annotations
@@ -28,9 +27,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
-
-from fedjax_cv.algorithms.privacy import clip_update, geometric_quantile_step
 
 Metrics = dict[str, jax.Array]
 # (deltas with leaves [clients, ...], weights [clients]) -> (aggregate, metrics)
@@ -283,54 +279,6 @@ def geometric_median(
         "aggregator_num_votes": num_votes.astype(jnp.float32),
         "aggregator_objective": objective,
     }
-
-
-# ------------------------------------------------------------------------------------------
-# Norm bounding: a client-side transform applied to the stack before any aggregator.
-
-
-def bound_norms(deltas, weights: jax.Array, max_norm) -> tuple[Any, Metrics]:
-    """Each client's delta scaled down to L2 norm (over the whole pytree) at most `max_norm`
-    (Sun et al. 2019); deltas within the bound are returned bit for bit. Reports the fraction
-    of real clients clipped."""
-    real, num_votes = _real(weights)
-    clipped, was_clipped = jax.vmap(clip_update, in_axes=(0, None))(deltas, max_norm)
-    fraction = jnp.sum(was_clipped & real) / jnp.maximum(num_votes, 1)
-    return clipped, {"norm_bound": jnp.asarray(max_norm, jnp.float32), "norm_clipped": fraction}
-
-
-@struct.dataclass
-class NormBoundState:
-    """The adaptive norm bound between rounds (part of the server state)."""
-
-    bound: jax.Array  # float32 scalar
-
-
-def norm_bound_init(initial_bound: float) -> NormBoundState:
-    if not initial_bound > 0:
-        raise ValueError(
-            f"algorithm.aggregator.norm_bound={initial_bound!r} is not allowed; must be > 0"
-        )
-    return NormBoundState(bound=jnp.asarray(initial_bound, jnp.float32))
-
-
-def adaptive_bound_norms(
-    state: NormBoundState,
-    deltas,
-    weights: jax.Array,
-    target_quantile: float = 0.5,
-    learning_rate: float = 0.2,
-) -> tuple[Any, NormBoundState, Metrics]:
-    """`bound_norms` with the state's bound, then the bound moves toward the `target_quantile`
-    of the real clients' update norms: C <- C exp(-eta (b - gamma)), b the fraction of real
-    clients whose norm is at most C (Andrew et al. 2021, without their noise: the server sees
-    the deltas here). The new bound serves the next round."""
-    real, num_votes = _real(weights)
-    clipped, metrics = bound_norms(deltas, weights, state.bound)
-    unclipped = 1.0 - metrics["norm_clipped"]
-    bound = geometric_quantile_step(state.bound, unclipped, target_quantile, learning_rate)
-    bound = jnp.where(num_votes > 0, bound, state.bound)  # nothing observed, nothing learned
-    return clipped, state.replace(bound=bound), metrics
 
 
 # ------------------------------------------------------------------------------------------

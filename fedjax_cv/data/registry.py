@@ -459,6 +459,20 @@ DATASETS: dict[str, DatasetBuilder] = {
 }
 
 
+# `data` keys outside the base config that some builders above read (`data_config.get`).
+EXTRA_FIELDS = (
+    "cache_dir",
+    "images_dir",
+    "labels_dir",
+    "max_shapes",
+    "names_file",
+    "test_split",
+    "train_split",
+    "unlabeled",
+    "year",
+)
+
+
 def build_dataset(data_config, seed: int) -> FederatedDataset:
     if data_config.name not in DATASETS:
         raise ValueError(
