@@ -89,9 +89,15 @@ def run(name: str, flags: list[str], out: pathlib.Path, rounds: int) -> dict:
     ]
     print(f"[{name}] {' '.join(command[2:])}", flush=True)
     workdir.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{workdir}.log", "a") as log:  # the progress bar, beside the workdir
-        subprocess.run(command, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    return last_record(workdir)
+    log_path = pathlib.Path(f"{workdir}.log")  # the progress bar, beside the workdir
+    with open(log_path, "a") as log:
+        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    record = last_record(workdir) if (workdir / "metrics.jsonl").exists() else {}
+    if done.returncode != 0:  # a run that diverged stops with one line: the row says so
+        errors = [line for line in log_path.read_text().splitlines() if line.startswith("error:")]
+        record["stopped"] = errors[-1] if errors else f"exit status {done.returncode}"
+        print(f"[{name}] {record['stopped']}", flush=True)
+    return record
 
 
 def main() -> None:
@@ -112,9 +118,10 @@ def main() -> None:
                 "run": name,
                 "attack": attack,
                 "defence": defence,
-                "eval_accuracy": record["eval/accuracy"],
+                "eval_accuracy": record.get("eval/accuracy", float("nan")),
                 "dp_epsilon": record.get("train/dp_epsilon"),
-                "rounds": record["round"],
+                "rounds": record.get("round", 0),
+                "stopped": record.get("stopped"),
             }
         )
     (args.out / "robustness.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -125,7 +132,10 @@ def main() -> None:
         base = clean.get(r["defence"])
         gap = "" if base is None else f"{100 * (r['eval_accuracy'] - base):+.1f} pts"
         epsilon = "" if r["dp_epsilon"] is None else f"{r['dp_epsilon']:.3g}"
-        print(f"| {r['attack']} | {r['defence']} | {r['eval_accuracy']:.3f} | {gap} | {epsilon} |")
+        accuracy = f"{r['eval_accuracy']:.3f}"
+        if r["stopped"]:  # the last evaluation before the run stopped
+            accuracy += f" (diverged, stopped after round {r['rounds']})"
+        print(f"| {r['attack']} | {r['defence']} | {accuracy} | {gap} | {epsilon} |")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ on 32x32x3 with 10 classes; S segmentation with a U-Net of base width 16 on 64x6
 uint8 masks of 5 classes with about 10% of pixels 255 (ignored), cohort 4, 20 examples a
 client; D detection with YOLOv5n (GroupNorm) on 64x64x3 images with 1-8 random boxes of 4
 classes, cohort 4, 20 examples a client. Batch 10 and one local epoch throughout. Every
-federated figure is printed beside centralized SGD of the same model at batch 10 (`centralized_b10_examples_per_s`: for every
-workload, S included, the federated batch size) and at batch = cohort x 10, measured in the same
-run, with the ratios: timings on a shared machine are noisy, ratios much less so: the runners
+federated figure is printed beside centralized SGD of the same model at batch 10
+(`centralized_b10_examples_per_s`: for every workload, S included, the federated batch size)
+and at batch = cohort x 10, measured in the same run, with the ratios: timings on a shared machine are noisy, ratios much less so: the runners
 take turns in timing windows and each keeps its best. Dense workloads (S) also report
 `client_pixels_per_s`, image pixels trained on per second (ignored pixels included: the model
 computes them all), so the ratio of pixels/s equals that of examples/s.

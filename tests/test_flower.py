@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -187,37 +188,7 @@ def test_node_with_other_number_of_classes_fails_naming_itself():
 # ------------------------------------------------------------------------------------------
 # The Deployment Engine: a SuperLink and two SuperNodes on 127.0.0.1, `flwr run` of an app.
 
-APP_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedjaxcvapp"
-version = "1.0.0"
-description = "A fedjax_cv experiment as a Flower app (tests/test_flower.py)"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "fedjaxcv"
-
-[tool.flwr.app.components]
-serverapp = "fedjax_cv_app:server"
-clientapp = "fedjax_cv_app:client"
-
-[tool.flwr.app.config]
-{config}
-"""
-APP_MODULE = """\
-from fedjax_cv.deploy import flower
-
-server = flower.server_app()
-client = flower.client_app()
-"""
+APP = pathlib.Path(__file__).parents[1] / "launch" / "flower_app"  # the app the README runs
 
 
 def _free_port() -> int:
@@ -312,11 +283,13 @@ def _toml(value) -> str:
 
 
 def _flwr_run(federation, tmp_path, run_config, on_line=None, timeout=300):
+    """`flwr run` of the shipped app with its run config replaced by `run_config`."""
     app = tmp_path / "app"
-    app.mkdir()
+    shutil.copytree(APP, app)
+    pyproject = (app / "pyproject.toml").read_text()
+    head = pyproject[: pyproject.index("[tool.flwr.app.config]")]
     lines = "\n".join(f'"{k}" = {_toml(v)}' for k, v in run_config.items())
-    (app / "pyproject.toml").write_text(APP_PYPROJECT.format(config=lines))
-    (app / "fedjax_cv_app.py").write_text(APP_MODULE)
+    (app / "pyproject.toml").write_text(f"{head}[tool.flwr.app.config]\n{lines}\n")
     run = subprocess.Popen(
         ["flwr", "run", str(app), "deploy", "--stream"],
         env=federation.env,
