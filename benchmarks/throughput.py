@@ -6,19 +6,20 @@
 Workloads (the table `WORKLOADS`; each names its task, model and how to build random examples):
 T logistic and C cnn_emnist on 100 clients x 50 examples of 28x28x1 with 62 classes; R cnn_hsu
 on 32x32x3 with 10 classes; S segmentation with a U-Net of base width 16 on 64x64x3 images and
-uint8 masks of 5 classes with about 10% of pixels 255 (ignored), cohort 4, 20 examples a
-client; D detection with YOLOv5n (GroupNorm) on 64x64x3 images with 1-8 random boxes of 4
-classes, cohort 4, 20 examples a client. Batch 10 and one local epoch throughout. Every
-federated figure is printed beside centralized SGD of the same model at batch 10
-(`centralized_b10_examples_per_s`: for every workload, S included, the federated batch size)
-and at batch = cohort x 10, measured in the same run, with the ratios: timings on a shared machine are noisy, ratios much less so: the runners
-take turns in timing windows and each keeps its best. Dense workloads (S) also report
-`client_pixels_per_s`, image pixels trained on per second (ignored pixels included: the model
-computes them all), so the ratio of pixels/s equals that of examples/s.
-With several devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=2, one a core)
-it also times the vmap and sequential rounds sharded over all of them (`strategy@devices`).
-Inputs of both sides are prebuilt on the device (the input pipeline has its own benchmark,
-benchmarks/data_pipeline.py); compilation happens in a warm-up call outside the windows.
+uint8 masks of 5 classes with about 10% of pixels 255 (ignored), cohort 4, 20 examples a client;
+D detection with YOLOv5n (GroupNorm) on 64x64x3 images with 1-8 random boxes of 4 classes,
+cohort 4, 20 examples a client. Batch 10 and one local epoch throughout. Every federated figure
+is printed beside centralized SGD of the same model at batch 10
+(`centralized_b10_examples_per_s`: for every workload, S included, the federated batch size) and
+at batch = cohort x 10, measured in the same run, with the ratios: timings on a shared machine
+are noisy, ratios much less so: the runners take turns in timing windows and each keeps its
+best. Dense workloads (S) also report `client_pixels_per_s`, image pixels trained on per second
+(ignored pixels included: the model computes them all), so the ratio of pixels/s equals that of
+examples/s. With several devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=2,
+one a core) it also times the vmap and sequential rounds sharded over all of them
+(`strategy@devices`). Inputs of both sides are prebuilt on the device (the input pipeline has
+its own benchmark, benchmarks/data_pipeline.py); compilation happens in a warm-up call outside
+the windows.
 """
 
 from __future__ import annotations
