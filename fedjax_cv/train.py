@@ -31,7 +31,6 @@ from fedjax_cv.algorithms.param_groups import frozen_fraction, head_rules
 from fedjax_cv.algorithms.registry import build_algorithm
 from fedjax_cv.api import params_sha256
 from fedjax_cv.checkpointing import CheckpointError
-from fedjax_cv.data.augment import Augmentation
 from fedjax_cv.data.cohort import test_batches
 from fedjax_cv.data.federated import FederatedDataset
 from fedjax_cv.data.pipeline import GrainCohortBuilder
@@ -54,9 +53,6 @@ class Experiment:
     model: api.Model  # the module, its initial variables (after model.weights) and its task
     algorithm: Any
     cohorts: GrainCohortBuilder
-    eval_fn: Any
-    eval_transform: Augmentation | None  # what test examples go through (None: nothing)
-    predict_fn: Any  # (params, model_state, images) -> the task's predictions
     initial_state: Any
     root_key: jax.Array
     notes: tuple[str, ...] = ()  # what the run starts from, said once when it starts
@@ -142,9 +138,6 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         model=model,
         algorithm=algorithm,
         cohorts=cohorts,
-        eval_fn=model.eval_fn,
-        eval_transform=api.eval_transform(config.data.augmentation),
-        predict_fn=model.predict_fn,
         initial_state=initial_state,
         root_key=jax.random.key(config.seed),
         notes=tuple(notes),
@@ -181,12 +174,14 @@ def backdoor_success(experiment: Experiment, state) -> dict[str, float]:
         return {}
     stats = None
     batches = test_batches(
-        experiment.dataset.test, experiment.config.eval.batch_size, experiment.eval_transform
+        experiment.dataset.test,
+        experiment.config.eval.batch_size,
+        api.eval_transform(experiment.config.data.augmentation),
     )
     for batch, mask in batches:
         poisoned, keep = backdoor_test_batch(attack, batch, mask)
         stats = experiment.task.merge(
-            stats, experiment.eval_fn(state.params, state.model_state, poisoned, keep)
+            stats, experiment.model.eval_fn(state.params, state.model_state, poisoned, keep)
         )
     return {"eval/backdoor_success": experiment.task.finalize(stats)["accuracy"]}
 
