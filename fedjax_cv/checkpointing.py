@@ -28,10 +28,13 @@ import sys
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
+from fedjax_cv.engine import hosts
 from fedjax_cv.tree_names import key_name
 
 # Keys that may change between a run and its resumption: they steer the loop, not the math.
@@ -94,19 +97,47 @@ def _spec(shape, dtype) -> str:
     return f"{np.dtype(dtype).name}{tuple(shape)}"
 
 
-def state_difference(manager: ocp.CheckpointManager, step: int, state) -> str | None:
-    """The first leaf whose name, shape or dtype differs between checkpoint and state."""
+# The state's client-local store: one row per client, padded to a multiple of the run's
+# devices (`fedjax_cv.engine.store`), so a run on other devices may hold other padding rows.
+STORE = "client_local"
+
+
+def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple]:
     metadata = manager.item_metadata(step)
-    saved = {
-        m.name: _spec(m.shape, m.dtype) for m in jax.tree.leaves(metadata) if hasattr(m, "shape")
+    return {
+        m.name: (tuple(m.shape), m.dtype) for m in jax.tree.leaves(metadata) if hasattr(m, "shape")
     }
+
+
+def _only_padding_differs(name: str, saved_shape: tuple, current_shape: tuple) -> bool:
+    """Whether a leaf of the store differs only in its number of rows: padded for other
+    devices (the rows past the clients belong to no client; see `restore_verified`)."""
+    return (
+        name.startswith(STORE + ".")
+        and len(saved_shape) == len(current_shape) >= 1
+        and saved_shape[1:] == current_shape[1:]
+    )
+
+
+def state_difference(manager: ocp.CheckpointManager, step: int, state) -> str | None:
+    """The first leaf whose name, shape or dtype differs between checkpoint and state (the
+    store's leaves may differ in their padding rows)."""
+    shapes = _saved_shapes(manager, step)
+    saved = {name: _spec(*shape_dtype) for name, shape_dtype in shapes.items()}
     current = _leaf_specs(state)
+    current_shapes = {
+        key_name(path, sep="."): tuple(np.shape(x))
+        for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
+    }
     for name in sorted(set(saved) | set(current)):
         if name not in saved:
             return f"state leaf {name} {current[name]} is not in checkpoint {step}"
         if name not in current:
             return f"checkpoint {step} holds {name} {saved[name]}, which this run does not have"
         if saved[name] != current[name]:
+            same_dtype = saved[name].split("(")[0] == current[name].split("(")[0]
+            if same_dtype and _only_padding_differs(name, shapes[name][0], current_shapes[name]):
+                continue
             return (
                 f"state leaf {name} is {current[name]} here but {saved[name]} in checkpoint {step}"
             )
@@ -171,13 +202,28 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be saved (one line naming the step, the folder and the cause)."""
 
 
+def _host_leaves(state):
+    """(path, shape, dtype, blocks of its values on this host) for every leaf of `state`.
+    An array split over processes (the client-local store) comes block by block from all of
+    them (`hosts.host_blocks`; every process must call this together), any other at once."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    whole = jax.device_get([None if hosts.is_split(leaf) else leaf for _, leaf in flat])
+    for (path, leaf), value in zip(flat, whole, strict=True):
+        if hosts.is_split(leaf):
+            yield path, leaf.shape, leaf.dtype, hosts.host_blocks(leaf)
+        else:
+            array = np.ascontiguousarray(value)
+            yield path, array.shape, array.dtype, iter([array])
+
+
 def state_sha256(state) -> str:
-    """SHA-256 of every leaf of `state` (names, dtypes, shapes and bytes, in tree order)."""
+    """SHA-256 of every leaf of `state` (names, dtypes, shapes and bytes, in tree order): the
+    same however the state is split over devices and processes."""
     digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]:
-        array = np.ascontiguousarray(leaf)
-        digest.update(f"{key_name(path, sep='.')}:{_spec(array.shape, array.dtype)}".encode())
-        digest.update(array.tobytes())
+    for path, shape, dtype, blocks in _host_leaves(state):
+        digest.update(f"{key_name(path, sep='.')}:{_spec(shape, dtype)}".encode())
+        for block in blocks:
+            digest.update(np.ascontiguousarray(block).tobytes())
     return digest.hexdigest()
 
 
@@ -403,16 +449,45 @@ def restore_verified(
             restored = jax.block_until_ready(restore(manager, step, state))
     except Exception as error:
         raise Damaged(f"orbax cannot restore it ({_brief(error)})") from None
-    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(restored))[0]:
-        array = np.asarray(leaf)
-        if np.issubdtype(array.dtype, np.inexact) and not np.all(np.isfinite(array)):
+    for path, _, dtype, blocks in _host_leaves(restored):
+        finite = [
+            np.all(np.isfinite(block)) for block in blocks if np.issubdtype(dtype, np.inexact)
+        ]
+        if not all(finite):
             raise Damaged(f"its {key_name(path, sep='.')} holds non-finite values")
     if state_sha256(restored) != saved["state_sha256"]:
         raise Damaged("its arrays differ from the SHA-256 saved with them")
     held = getattr(restored, "round", None)
     if held is not None and int(jax.device_get(held)) != step:
         raise Damaged(f"it holds round {int(jax.device_get(held))}, not {step}")
-    return restored, None
+    return _fit_store(restored, state), None
+
+
+def _fit_store(restored, state):
+    """`restored` with each leaf of its store cut or padded to the rows of `state`'s (padded
+    for this run's devices) and placed as `state`'s. Rows past the clients belong to no
+    client and keep their initial values in every run, so the rows `state` adds are its own
+    initial ones, and the rows cut are padding."""
+    if STORE not in {field.name for field in dataclasses.fields(state)}:
+        return restored
+
+    def fit(saved, target):
+        if np.shape(saved) == np.shape(target):
+            return saved
+        rows = np.shape(target)[0]
+
+        def cut_or_pad(saved, target):
+            if saved.shape[0] >= rows:
+                return saved[:rows]
+            return jnp.concatenate([saved, target[saved.shape[0] :]])
+
+        if not isinstance(target, jax.Array):
+            return np.asarray(cut_or_pad(jnp.asarray(saved), jnp.asarray(target)))
+        return jax.jit(cut_or_pad, out_shardings=target.sharding)(saved, target)
+
+    return restored.replace(
+        **{STORE: jax.tree.map(fit, getattr(restored, STORE), getattr(state, STORE))}
+    )
 
 
 def restore(manager: ocp.CheckpointManager, step: int, state):
@@ -421,7 +496,9 @@ def restore(manager: ocp.CheckpointManager, step: int, state):
 
     Only the state's fields present in the checkpoint are read, so a field added to the state
     since, empty in this run (`ServerState.client_local = {}`), leaves older checkpoints
-    readable.
+    readable. The store's leaves come with the rows they were saved with (`restore_verified`
+    then fits them to `state`'s); those whose rows differ from `state`'s come whole onto
+    each device.
     """
     saved = set(manager.item_metadata(step).keys())
     item = {
@@ -429,5 +506,20 @@ def restore(manager: ocp.CheckpointManager, step: int, state):
         for field in dataclasses.fields(state)
         if field.name in saved
     }
+    if STORE in item:
+        shapes = _saved_shapes(manager, step)
+
+        def as_saved(path, x):
+            shape = shapes.get(f"{STORE}.{key_name(path, sep='.')}", (np.shape(x),))[0]
+            if tuple(shape) == np.shape(x):
+                return x
+            if not isinstance(x, jax.Array):
+                return np.zeros(shape, x.dtype)
+            sharding = x.sharding
+            if isinstance(sharding, NamedSharding):
+                sharding = NamedSharding(sharding.mesh, PartitionSpec())
+            return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
+
+        item[STORE] = jax.tree_util.tree_map_with_path(as_saved, item[STORE])
     restored = manager.restore(step, args=ocp.args.StandardRestore(item))
     return state.replace(**restored)

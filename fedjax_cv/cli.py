@@ -40,9 +40,16 @@ def define_config_flag(help_text: str = "Experiment config file.") -> flags.Flag
     )
 
 
+def print_error(message: object) -> None:
+    """`error: <message>` on stderr as one line, in one write: `print` writes the text and its
+    newline apart, and a line of another process sharing the stream could land in between."""
+    sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
+
+
 def fail(message: object) -> None:
     """One line `error: <message>` on stderr, exit status 2."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    print_error(message)
     sys.exit(2)
 
 

@@ -65,7 +65,7 @@ def _fail(message: str) -> None:
     if "Traceback (most recent call last)" in text:  # an error raised inside a config file
         lines = [line for line in text.splitlines() if line.strip()]
         text = f"{lines[0].split(': Error')[0]}: {lines[-1]}"
-    print(f"error: {' '.join(text.split())}", file=sys.stderr)
+    cli.print_error(text)
     sys.exit(2)
 
 
@@ -108,7 +108,7 @@ def main(argv):
     except (ValueError, FileNotFoundError, WorkdirError) as error:
         _fail(error)
     except (TrainingError, CheckpointError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        cli.print_error(error)
         sys.exit(1)
     if hosts.is_writer():
         print({k: v for k, v in record.items()})

@@ -210,12 +210,6 @@ class FlatBatchNorm(nn.Module):
         return nn.Dense(4)(x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BatchNorm's batch statistics take in the padded examples of a partly padded batch "
-    "(the task's loss function never sees the mask), against 'a padded example changes nothing'",
-)
 def test_padded_examples_stay_out_of_batch_norm_statistics():
     """The classification task's loss on a BatchNorm model: a round on batches of 4 real
     examples, and on the same batches with 2 padded examples appended."""

@@ -26,6 +26,7 @@ from fedjax_cv.algorithms.local_state import (
 )
 from fedjax_cv.engine.cohort import ClientInfo
 from fedjax_cv.engine.strategies import ClientProgram
+from fedjax_cv.models.norm import example_mask
 
 
 class ClientObjective(NamedTuple):
@@ -162,14 +163,16 @@ def client_program(
         key = jax.random.fold_in(state.rng, state.steps)
 
         def value(params):
-            if state.class_weights is None:
-                losses, out = loss_fn(params, state.model_state, batch, key)
-                example_weights = jnp.ones_like(mask)
-            else:
-                losses, out = loss_fn(
-                    params, state.model_state, batch, key, class_weights=state.class_weights
-                )
-                example_weights = out.example_weights
+            # BatchNorm's batch statistics leave out the padded examples (see example_mask).
+            with example_mask(mask):
+                if state.class_weights is None:
+                    losses, out = loss_fn(params, state.model_state, batch, key)
+                    example_weights = jnp.ones_like(mask)
+                else:
+                    losses, out = loss_fn(
+                        params, state.model_state, batch, key, class_weights=state.class_weights
+                    )
+                    example_weights = out.example_weights
             total = objective_value(objective, losses, mask, example_weights, params, server_params)
             return total, (losses, out)
 

@@ -31,6 +31,7 @@ from fedjax_cv.algorithms.server import (
     server_optimizer,
     server_update,
 )
+from fedjax_cv.engine.store import seed_rows, spread
 from fedjax_cv.engine.strategies import (
     ClientProgram,
     HostLoop,
@@ -171,7 +172,9 @@ def federated_algorithm(
             upload=kept["upload"],
             key=server_key(rng),
         )
-        store = scatter(state.client_local, clients.client_id, kept["local"], clients.occurrence)
+        store = scatter(
+            state.client_local, clients.client_id, kept["local"], clients.occurrence, mesh
+        )
         if factor is not None:
             metrics["lr_factor"] = factor
         return state.replace(client_local=store), metrics
@@ -188,7 +191,7 @@ def federated_algorithm(
                 strategy=strategy_name,
                 mesh=mesh,
                 unroll=unroll,
-                local=gather(state.client_local, ids),
+                local=gather(state.client_local, ids, mesh),
                 gate_steps=gate_steps,
             )
             return update(state, total, cohort.clients, kept, rng)
@@ -197,7 +200,7 @@ def federated_algorithm(
 
     def host_round():
         loop = HostLoop(program)
-        jitted_gather = jax.jit(gather)
+        jitted_gather = jax.jit(lambda store, ids: gather(store, ids, mesh))
         jitted_update = jax.jit(update, donate_argnums=donate_argnums)
 
         def round_fn(state, cohort, rng):
@@ -227,13 +230,17 @@ def federated_algorithm(
     apply.round_parts = RoundParts(program, round_shared, update)
 
     def init(params, model_state=None, num_clients: int = 0):
+        rows = num_clients if mesh is None else seed_rows(num_clients)
         state = server_init(
-            server_optimizer, params, model_state, num_clients, local=local, pipeline=pipeline
+            server_optimizer, params, model_state, rows, local=local, pipeline=pipeline
         )
         if mesh is not None:
             # Where a sharded round leaves its output: placed there from the start, the second
-            # round reuses the first round's executable instead of compiling one for it.
+            # round reuses the first round's executable instead of compiling one for it. The
+            # client-local store is split over the mesh, each device making its own rows.
             state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+            if jax.tree.leaves(state.client_local):
+                state = state.replace(client_local=spread(state.client_local, num_clients, mesh))
         return state
 
     return FederatedAlgorithm(

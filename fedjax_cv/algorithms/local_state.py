@@ -10,6 +10,11 @@ back what each client ends with. Clients never sampled yet start from the initia
 The server still aggregates the local leaves like any other: its copy is the (weighted) mean of
 the clients' values, used only to evaluate a global model on a global test set; no client
 starts from it.
+
+On a mesh of several devices the store is split over them (`fedjax_cv.engine.store`): its rows
+padded to a multiple of the devices (rows no client id reaches, never read), each device
+holding one block of rows and each process only its devices' blocks; `gather` and `scatter`
+move only the cohort's rows between devices.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from fedjax_cv.engine import store as split_store
 
 # The parameters of `fedjax_cv.models.norm.Norm` layers, whatever their kind.
 NORM_LAYERS = r"(^|/)(BatchNorm|GroupNorm|LayerNorm)_\d+/"
@@ -121,19 +128,25 @@ def init_store(
     )
 
 
-def gather(store: dict, client_ids: jax.Array) -> dict:
-    """The cohort's copies, leaves `[cohort, ...]`; padded clients get client 0's (unused)."""
-    return jax.tree.map(lambda s: s[client_ids], store)
+def gather(store: dict, client_ids: jax.Array, mesh=None) -> dict:
+    """The cohort's copies, leaves `[cohort, ...]`; padded clients get client 0's (unused).
+    With a `mesh`, a store split over it stays split (`fedjax_cv.engine.store.take`)."""
+    return split_store.take(store, client_ids, mesh)
 
 
 def scatter(
-    store: dict, client_ids: jax.Array, kept: dict, occurrence: jax.Array | None = None
+    store: dict,
+    client_ids: jax.Array,
+    kept: dict,
+    occurrence: jax.Array | None = None,
+    mesh=None,
 ) -> dict:
     """Writes back what each real, finite client ended with; others leave their row as it was.
 
     A client drawn more than once in one cohort (FedVC) keeps the values of its written copy
     with the highest `occurrence` (ties: the later slot). Only that copy is scattered: XLA
     applies duplicate scatter indices in an unspecified order (nondeterministic on GPUs).
+    With a `mesh`, a store split over it stays split (`fedjax_cv.engine.store.put`).
     """
     if not store:
         return store
@@ -149,7 +162,7 @@ def scatter(
         (client_ids[None, :] == client_ids[:, None]) & after & write[None, :], axis=1
     )
     rows = jnp.where(write & ~superseded, client_ids, num_clients)  # out of range: dropped
-    return jax.tree.map(lambda s, v: s.at[rows].set(v, mode="drop"), store, kept["values"])
+    return split_store.put(store, rows, kept["values"], mesh)
 
 
 def kept_values(

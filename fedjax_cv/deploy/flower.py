@@ -15,19 +15,21 @@ Configuration (Flower run config, `[tool.flwr.app.config]` of the app's pyprojec
 - `fedjax.<key>` (run config, and node config on top): an override of config key `<key>`
   (`fedjax.data.num_clients = 2`); a node's own override describes its own data;
 - `partition-id` (node config): which fedjax_cv client this node is, its partition of the
-  config's federated dataset (`data.clients[partition-id]`);
+  config's federated dataset (`data.clients[partition-id]`); Flower's simulation engine sets
+  it on its virtual nodes (0 .. num-supernodes - 1);
 - `fedjax-timeout` (run config): seconds a round waits for its replies (default: until all
   come); `fedjax-output` (run config): a directory for the final params and the run's
-  history and failures (`write_result`).
+  history, evaluations and failures (`write_result`).
 
 An app directory holds a pyproject.toml with `[tool.flwr.app.components]` `serverapp =
 "<module>:server"` and `clientapp = "<module>:client"`, its module holding `server =
 server_app()` and `client = client_app()`, and the keys above in `[tool.flwr.app.config]`;
 cross-silo, `flower-superlink --insecure` (or with TLS) and on each site
 `flower-supernode --superlink HOST:PORT --node-config "partition-id=K"`, then `flwr run APP
-CONNECTION` (tests/test_flower.py does this on 127.0.0.1). Flower's simulation runtime needs
-Ray in flwr 1.42 (`flwr[simulation]`), which this project does not install; the tests carry
-the same ClientApp and strategy in one process instead, through a `Grid` of their own.
+CONNECTION`; the same app runs on Flower's simulation engine (Ray, extra `simulation`) under
+`flower-superlink --simulation` with `flwr run APP CONNECTION --federation-config
+"num-supernodes=N"`. tests/test_flower.py runs both on 127.0.0.1, and the ClientApp and the
+strategy in one process through a `Grid` of its own.
 
 A round, as Flower messages (fedjax_cv round r is Flower's server round r + 1):
 1. Once, before round 1, a `query` message to every node; each replies its `partition-id`,
@@ -39,24 +41,46 @@ A round, as Flower messages (fedjax_cv round r is Flower's server round r + 1):
    message with an ArrayRecord `shared` (the leaves of `RoundShared`: server params, model
    state, learning-rate factor, the aggregation stages' server-held state), an ArrayRecord
    `round-key` (the round's key data) and a ConfigRecord `round` (`round`, `row`,
-   `client-id`).
+   `client-id`, and `local-round`/`local-row`: the last train reply of this client whose
+   client-local values the server accepted, -1 for none).
 3. The node rebuilds that row of the cohort from its own data (`cohorts.rows(r, row, row +
-   1)`: the same examples, augmentation and key as the simulation), runs
-   `HostLoop(program)` for its one client (the pipeline's client stages included) and
-   replies an ArrayRecord `contribution` (the leaves of its `ClientContribution` and of
-   what it hands back: the robust aggregator's delta and weight) and a MetricRecord
-   `metrics`.
+   1)`: the same examples, augmentation and key as the simulation), starts from its own
+   client-local values (below), runs `HostLoop(program)` for its one client (the pipeline's
+   client stages included) and replies an ArrayRecord `contribution` (the leaves of its
+   `ClientContribution` and of what the robust aggregator needs: its delta and weight), a
+   MetricRecord `metrics` and a ConfigRecord `round` (`row`, `local-written`).
 4. `aggregate_train`: the contributions are summed in cohort order (the simulation's order),
    the per-client uploads stacked, and the algorithm's `server_apply` (pipeline reduction,
    server stages, server optimizer) gives the new `ServerState`. A node that fails or does
    not reply within the timeout is reported (`FedjaxStrategy.failures`) and the round goes on
    with the others, as FedAvg of the remaining clients.
+5. Evaluation, after the rounds fedjax_cv's training loop evaluates (every
+   `eval_every_rounds` and the last): `configure_evaluate` sends every node that did not fail
+   this round an `evaluate` message with the global params and model state (ArrayRecord
+   `model`); a node has no test split of its own (the config's test split is one split, the
+   same on every node), so it evaluates them on its own client's examples, its partition of
+   the train split through the test-time transform, and replies the task's statistics of
+   each batch (its `eval_fn`, ArrayRecords `stats-<b>`); `aggregate_evaluate` merges them in
+   node and batch order with the task's `merge` and reports the task's `finalize` as
+   `eval/<metric>` (`FedjaxStrategy.evaluations`): the metrics of the union of the nodes'
+   examples, as `fedjax_cv.api.evaluate` gives them.
 
-Not yet carried: client-local state across rounds (FedBN, SCAFFOLD, error feedback would keep
-it on the node, in the Flower `Context.state`); secure aggregation with a node that drops out
-(its pairwise masks would not cancel); evaluation messages; checkpoints. The server still
-builds the config's dataset (the sampler needs the client sizes; no pixel is read there).
-Tested: FedAvg, FedAvgM and the median aggregator on the shapes data.
+Client-local state (FedBN's norm layers and batch statistics, SCAFFOLD's c_i, top-k's
+error-feedback residual): the node keeps its client's values in Flower's `Context.state` (the
+RecordDict a SuperNode keeps for the run across messages), never sends them, and the server
+keeps no client store (`ServerState.client_local` is `{}` there); what the server needs of
+them reaches it inside the contribution (SCAFFOLD's control-variate sums). A node's new values
+wait in `Context.state` as pending until the server confirms, in the client's next `train`
+message, that it aggregated that reply (`local-round`, `local-row`: the copy the simulation's
+store would keep); a reply lost or late is dropped on both sides, so the node's values stay
+those of the simulation that left that client out of the round. A node that lost its
+`Context.state` (restarted) while the server holds an accepted reply of it refuses to train,
+naming itself. Copies of one client twice in a round (FedVC) are carried, provided the node
+runs that round's messages one after the other.
+
+Not yet carried: secure aggregation with a node that drops out (its pairwise masks would not
+cancel); checkpoints of the server. The server still builds the config's dataset (the sampler
+needs the client sizes; no pixel is read there).
 """
 
 from __future__ import annotations
@@ -75,6 +99,7 @@ import numpy as np
 from fedjax_cv import api, cli
 from fedjax_cv.algorithms.compose import RoundParts, round_parts
 from fedjax_cv.api import apply_overrides, params_sha256
+from fedjax_cv.data.cohort import test_batches
 from fedjax_cv.engine.cohort import ClientInfo, client_key
 from fedjax_cv.engine.strategies import HostLoop
 from fedjax_cv.train import Experiment, build_experiment
@@ -86,6 +111,13 @@ OUTPUT_KEY = "fedjax-output"
 TIMEOUT_KEY = "fedjax-timeout"
 QUERY = "query"
 TRAIN = "train"
+EVALUATE = "evaluate"
+# Context.state records of a node: its client's values as of its last accepted reply, where
+# they came from, and the values of replies the server has not confirmed yet.
+LOCAL = "fedjax-local"
+LOCAL_ORIGIN = "fedjax-local-origin"
+PENDING = "fedjax-pending"
+NO_REPLY = (-1, -1)  # (round, row) of a client whose local values were never accepted
 
 logger = logging.getLogger("flwr.fedjax_cv")  # shown with Flower's own log lines
 
@@ -114,15 +146,6 @@ def experiment_config(
     return apply_overrides(config, overrides)
 
 
-def check_supported(experiment: Experiment) -> None:
-    """Refuses what the bridge does not carry yet: values a client keeps across rounds."""
-    if jax.tree.leaves(experiment.initial_state.client_local):
-        raise NotImplementedError(
-            f"algorithm.name={experiment.config.algorithm.name!r} keeps client-local state "
-            "across rounds (FedBN, SCAFFOLD, error feedback); not carried over Flower yet"
-        )
-
-
 def _config_key(run_config, node_config=None) -> tuple:
     items = lambda c: tuple(sorted((k, v) for k, v in (c or {}).items() if k != PARTITION_KEY))
     return items(run_config), items(node_config)
@@ -136,7 +159,6 @@ def _experiment(key: tuple) -> tuple[Experiment, RoundParts, HostLoop]:
     (`JAX_COMPILATION_CACHE_DIR`) shared by those processes saves most of that."""
     run_config, node_config = (dict(items) for items in key)
     experiment = build_experiment(experiment_config(run_config, node_config))
-    check_supported(experiment)
     parts = round_parts(experiment.algorithm)
     return experiment, parts, HostLoop(parts.program)
 
@@ -156,6 +178,32 @@ def cohort_clients(experiment: Experiment, round_index: int) -> ClientInfo:
         num_examples=experiment.dataset.client_sizes[ids].astype(np.float32),
         label_counts=experiment.dataset.label_histograms[ids].astype(np.float32),
     )
+
+
+def client_local_values(experiment: Experiment, client_id: int):
+    """One client's initial client-local values (FedBN's norm layers, SCAFFOLD's c_i, the
+    error-feedback residual), as the simulation's store starts them; `{}` without any."""
+    return jax.tree.map(lambda store: store[client_id], experiment.initial_state.client_local)
+
+
+def _examples(split: dict, index: np.ndarray) -> dict:
+    """The examples `index` of a split (arrays, or per-image sequences of box arrays)."""
+    return {
+        key: values[index] if isinstance(values, np.ndarray) else [values[int(i)] for i in index]
+        for key, values in split.items()
+    }
+
+
+def client_examples(experiment: Experiment, client_id: int) -> dict:
+    """The client's own examples, its partition of the train split."""
+    return _examples(experiment.dataset.train, experiment.dataset.clients[client_id])
+
+
+def evaluation_batches(experiment: Experiment, examples: dict):
+    """(batch, mask) over `examples` as fedjax_cv's evaluation reads a split: the config's
+    eval batch size, the test-time transform, the last batch padded (`api.evaluation_stats`)."""
+    transform = api.eval_transform(experiment.config.data.augmentation)
+    return test_batches(examples, experiment.config.eval.batch_size, transform)
 
 
 def _arrays(tree):
@@ -223,8 +271,48 @@ def node_query(message, context):
     return Message(RecordDict({"fedjax": reply}), reply_to=message)
 
 
+def _pending_key(round_index: int, row: int) -> str:
+    return f"{PENDING}:{round_index}:{row}"
+
+
+def _own_values(context, experiment: Experiment, round_index: int, accepted: tuple[int, int]):
+    """The node's client-local values at the start of round `round_index`: its last values
+    the server accepted (`accepted`: that reply's (round, row)), committed from the pending
+    ones; the pending values of earlier rounds are dropped (the server has decided on them)."""
+    partition = int(context.node_config[PARTITION_KEY])
+    template = client_local_values(experiment, partition)
+    if not jax.tree.leaves(template):
+        return template
+    state = context.state
+    if _pending_key(*accepted) in state:
+        state[LOCAL] = state.pop(_pending_key(*accepted))
+        state[LOCAL_ORIGIN] = _origin_record(accepted)
+    for key in [k for k in state if k.startswith(PENDING + ":")]:
+        if int(key.split(":")[1]) < round_index:
+            del state[key]
+    held = NO_REPLY
+    if LOCAL_ORIGIN in state:
+        held = (int(state[LOCAL_ORIGIN]["round"]), int(state[LOCAL_ORIGIN]["row"]))
+    if held != accepted:
+        raise NodeDataError(
+            f"{_node_name(context)}: the server holds its client-local values of round "
+            f"{accepted[0]} row {accepted[1]}, this node those of round {held[0]} row "
+            f"{held[1]} (its Context.state was lost: the SuperNode restarted?); it cannot train"
+        )
+    if LOCAL not in state:
+        return template
+    return _tree(state[LOCAL], template, f"{_node_name(context)}: its stored client-local values")
+
+
+def _origin_record(origin: tuple[int, int]):
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({"round": origin[0], "row": origin[1]})
+
+
 def node_train(message, context):
-    """Runs fedjax_cv's one-client update for the cohort row the message names."""
+    """Runs fedjax_cv's one-client update for the cohort row the message names, from the
+    node's own client-local values; keeps its new ones pending in `context.state`."""
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
     experiment, parts, host_loop = _node_experiment(context)
@@ -241,11 +329,18 @@ def node_train(message, context):
             f"{int(cohort.clients.client_id[0])} here, not {partition}: the server's config "
             "samples other clients than this node's"
         )
+    accepted = (int(spec["local-round"]), int(spec["local-row"]))
+    own = _own_values(context, experiment, round_index, accepted)
     key = jax.random.wrap_key_data(message.content["round-key"].to_numpy_ndarrays()[0])
     clients = cohort_clients(experiment, round_index)
     template = jax.eval_shape(parts.round_shared, experiment.initial_state, clients, key)
     shared = _tree(message.content["shared"], template, f"{name}: the server's values")
-    total, kept = host_loop(shared, cohort, key)
+    local = jax.tree.map(lambda x: x[None], own)
+    total, kept = host_loop(shared, cohort, key, local)
+    written = bool(kept["local"]) and bool(kept["local"]["write"][0])
+    if written:
+        values = jax.tree.map(lambda x: x[0], kept["local"]["values"])
+        context.state[_pending_key(round_index, row)] = _arrays(values)
     metrics = MetricRecord(
         {
             "num-examples": float(total.num_trained),
@@ -253,20 +348,52 @@ def node_train(message, context):
             "weight": float(total.weight),
         }
     )
-    echo = ConfigRecord({"round": round_index, "row": row})
+    echo = ConfigRecord({"round": round_index, "row": row, "local-written": written})
+    upload = jax.tree.map(lambda x: x[0], kept["upload"])
     content = RecordDict(
-        {"contribution": _arrays((total, kept)), "metrics": metrics, "round": echo}
+        {"contribution": _arrays((total, upload)), "metrics": metrics, "round": echo}
     )
     return Message(content, reply_to=message)
 
 
+def node_evaluate(message, context):
+    """The task's evaluation statistics of the server's params on the node's own client's
+    examples, one ArrayRecord `stats-<b>` a batch (merged by the server)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    experiment, _, _ = _node_experiment(context)
+    name = _node_name(context)
+    partition = int(context.node_config[PARTITION_KEY])
+    initial = experiment.initial_state
+    params, model_state = _tree(
+        message.content["model"],
+        (initial.params, initial.model_state),
+        f"{name}: the server's model",
+    )
+    eval_fn = experiment.model.eval_fn
+    records = {}
+    examples = client_examples(experiment, partition)
+    for index, (batch, mask) in enumerate(evaluation_batches(experiment, examples)):
+        records[f"stats-{index}"] = _arrays(eval_fn(params, model_state, batch, mask))
+    summary = ConfigRecord(
+        {
+            "round": int(message.content["evaluate"]["round"]),
+            "num-batches": len(records),
+            "num-examples": int(experiment.dataset.client_sizes[partition]),
+        }
+    )
+    return Message(RecordDict({"evaluation": summary, **records}), reply_to=message)
+
+
 def client_app():
-    """The Flower ClientApp: `query` and `train` messages run on the node's own data."""
+    """The Flower ClientApp: `query`, `train` and `evaluate` messages run on the node's own
+    data."""
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
     app.query()(node_query)
     app.train()(node_train)
+    app.evaluate()(node_evaluate)
     return app
 
 
@@ -289,20 +416,32 @@ def _strategy_base():
 
 
 class FedjaxStrategy:  # a flwr Strategy: see `make_strategy`, which subclasses it lazily
-    """Keeps fedjax_cv's `ServerState`; samples clients, sums contributions and applies the
-    algorithm's server update (pipeline aggregator, server stages, server optimizer)."""
+    """Keeps fedjax_cv's `ServerState` (without a client store: the nodes keep their
+    client-local values); samples clients, sums contributions, applies the algorithm's server
+    update (pipeline aggregator, server stages, server optimizer) and merges the nodes'
+    evaluation statistics."""
 
     def __init__(self, experiment: Experiment, *, timeout: float | None = None):
         self.experiment = experiment
-        check_supported(experiment)
         self.parts = round_parts(experiment.algorithm)
-        self.state = experiment.initial_state
+        initial = experiment.initial_state
+        self._own_template = jax.tree.map(
+            lambda store: jax.ShapeDtypeStruct(store.shape[1:], store.dtype),
+            initial.client_local,
+        )
+        self.state = initial.replace(client_local={})
         self.timeout = timeout
         self.nodes: dict[int, int] = {}  # partition-id (fedjax_cv client) -> Flower node id
+        # client id -> (round, row) of its last train reply whose client-local values the
+        # server aggregated: the copy the simulation's store holds, which the node commits.
+        self.local_origin: dict[int, tuple[int, int]] = {}
         self.failures: list[Failure] = []
         self.history: list[dict[str, float]] = []
+        self.evaluations: list[dict[str, float]] = []
         self._server_apply = jax.jit(self.parts.server_apply)
         self._pending: dict[str, Any] = {}
+        self._evaluating: dict[str, Any] = {}
+        self._stats_shapes = None
 
     # Flower's Strategy interface.
     def summary(self) -> None:
@@ -361,7 +500,16 @@ class FedjaxStrategy:  # a flwr Strategy: see `make_strategy`, which subclasses 
                     round_index, -1, f"no node holds client {client_id}; row {row} left out"
                 )
                 continue
-            spec = ConfigRecord({"round": round_index, "row": row, "client-id": client_id})
+            local_round, local_row = self.local_origin.get(client_id, NO_REPLY)
+            spec = ConfigRecord(
+                {
+                    "round": round_index,
+                    "row": row,
+                    "client-id": client_id,
+                    "local-round": local_round,
+                    "local-row": local_row,
+                }
+            )
             content = RecordDict({"shared": shared, "round-key": key_data, "round": spec})
             message = Message(content, node_id, TRAIN, group_id=str(server_round))
             messages.append(message)
@@ -375,7 +523,7 @@ class FedjaxStrategy:  # a flwr Strategy: see `make_strategy`, which subclasses 
         pending = self._pending
         round_index, clients = pending["round"], pending["clients"]
         template = self._contribution_template(clients, pending["key"])
-        received = {}
+        received, written = {}, {}
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if reply.has_error():
@@ -393,6 +541,8 @@ class FedjaxStrategy:  # a flwr Strategy: see `make_strategy`, which subclasses 
                 )
             except NodeDataError as error:
                 self._report(round_index, node_id, str(error))
+                continue
+            written[row] = bool(reply.content["round"].get("local-written", False))
         for node_id, row in pending["rows"]:
             if row not in received and not any(
                 f.round == round_index and f.node_id == node_id for f in self.failures
@@ -402,11 +552,11 @@ class FedjaxStrategy:  # a flwr Strategy: see `make_strategy`, which subclasses 
         if not rows:
             logger.warning("round %d: no client replied; the state is unchanged", round_index)
             return None, None
+        self._accept_local_values(round_index, clients, [row for row in rows if written[row]])
         totals = [received[row][0] for row in rows]
         total = functools.reduce(lambda a, b: jax.tree.map(jax.numpy.add, a, b), totals)
-        kept = jax.tree.map(
-            lambda *xs: jax.numpy.concatenate(xs), *[received[row][1] for row in rows]
-        )
+        uploads = [received[row][1] for row in rows]
+        kept = {"local": {}, "upload": jax.tree.map(lambda *xs: jax.numpy.stack(xs), *uploads)}
         chosen = jax.tree.map(lambda x: np.asarray(x)[rows], clients)
         self.state, metrics = self._server_apply(self.state, total, chosen, kept, pending["key"])
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -415,23 +565,113 @@ class FedjaxStrategy:  # a flwr Strategy: see `make_strategy`, which subclasses 
             MetricRecord(metrics)
         )
 
+    def _accept_local_values(self, round_index: int, clients: ClientInfo, rows: list[int]):
+        """Records which reply's client-local values each client keeps: of its copies in the
+        round that wrote them, the one of highest occurrence (ties: the later row), the rule
+        of the simulation's store (`local_state.scatter`)."""
+        for row in rows:
+            client_id = int(clients.client_id[row])
+            rank = (int(clients.occurrence[row]), row)
+            last = self.local_origin.get(client_id, NO_REPLY)
+            if last[0] != round_index or rank > (int(clients.occurrence[last[1]]), last[1]):
+                self.local_origin[client_id] = (round_index, row)
+
     def configure_evaluate(self, server_round: int, arrays, config, grid) -> Iterable:
-        return []
+        """`evaluate` messages after the rounds fedjax_cv's loop evaluates, to every node
+        that did not fail this round."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        config = self.experiment.config
+        completed, round_index = server_round, server_round - 1
+        if completed % config.eval_every_rounds and completed != config.num_rounds:
+            self._evaluating = {}
+            return []
+        failed = {f.node_id for f in self.failures if f.round == round_index}
+        model = _arrays((self.state.params, self.state.model_state))
+        spec = ConfigRecord({"round": completed})
+        messages, nodes = [], {}
+        for partition, node_id in sorted(self.nodes.items()):
+            if node_id in failed:
+                continue
+            content = RecordDict({"model": model, "evaluate": spec})
+            messages.append(Message(content, node_id, EVALUATE, group_id=str(server_round)))
+            nodes[node_id] = partition
+        self._evaluating = {"round": completed, "nodes": nodes}
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable):
-        return None
+        """The task's metrics of the merged statistics, `eval/<metric>`, with the examples
+        (`eval/num_examples`) and nodes (`eval/num_nodes`) they cover."""
+        from flwr.app import MetricRecord
+
+        if not self._evaluating:
+            return None
+        completed, nodes = self._evaluating["round"], self._evaluating["nodes"]
+        template = self._stats_template()
+        received = {}
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            what = f"node {node_id}'s evaluation"
+            if reply.has_error():
+                self._report(
+                    completed - 1, node_id, reply.error.reason or f"error {reply.error.code}"
+                )
+                continue
+            if node_id not in nodes or node_id in received:
+                self._report(completed - 1, node_id, "an evaluation reply it was not asked for")
+                continue
+            try:
+                summary = reply.content["evaluation"]
+                batches = [
+                    _tree(reply.content[f"stats-{b}"], template, f"{what}, batch {b}")
+                    for b in range(int(summary["num-batches"]))
+                ]
+                received[node_id] = (int(summary["num-examples"]), batches)
+            except NodeDataError as error:
+                self._report(completed - 1, node_id, str(error))
+            except KeyError as error:
+                self._report(completed - 1, node_id, f"{what} has no record {error}")
+        for node_id in nodes:
+            if node_id not in received and not any(
+                f.round == completed - 1 and f.node_id == node_id for f in self.failures
+            ):
+                self._report(completed - 1, node_id, "no evaluation reply (timeout or lost)")
+        task, stats = self.experiment.task, None
+        for node_id in sorted(received, key=nodes.get):  # node (partition) order, then batch
+            for batch_stats in received[node_id][1]:
+                stats = task.merge(stats, batch_stats)
+        if stats is None:
+            logger.warning("round %d: no evaluation statistics came back", completed)
+            return None
+        metrics = {f"eval/{k}": float(v) for k, v in task.finalize(stats).items()}
+        metrics["eval/num_examples"] = float(sum(n for n, _ in received.values()))
+        metrics["eval/num_nodes"] = float(len(received))
+        self.evaluations.append({"round": completed, **metrics})
+        return MetricRecord(metrics)
 
     def _contribution_template(self, clients: ClientInfo, key):
+        """The shapes of one client's contribution and upload (what a node replies)."""
         program = self.parts.program
         info = jax.tree.map(lambda x: x[0], clients)
         shared = self.parts.round_shared(self.state, clients, key)
 
-        def one_client(shared, info, key):
-            state = program.init(shared, info, client_key(key, info), {})
+        def one_client(shared, info, key, own):
+            state = program.init(shared, info, client_key(key, info), own)
             contribution, kept = program.final(shared, state, info)
-            return contribution, jax.tree.map(lambda x: x[None], kept)
+            return contribution, kept["upload"]
 
-        return jax.eval_shape(one_client, shared, info, key)
+        return jax.eval_shape(one_client, shared, info, key, self._own_template)
+
+    def _stats_template(self):
+        """The shapes of one batch's evaluation statistics (what a node replies a batch)."""
+        if self._stats_shapes is None:
+            experiment, state = self.experiment, self.state
+            first = _examples(experiment.dataset.train, np.zeros(1, np.int64))
+            batch, mask = next(evaluation_batches(experiment, first))
+            self._stats_shapes = jax.eval_shape(
+                experiment.model.eval_fn, state.params, state.model_state, batch, mask
+            )
+        return self._stats_shapes
 
 
 def make_strategy(experiment: Experiment, *, timeout: float | None = None):
@@ -441,15 +681,18 @@ def make_strategy(experiment: Experiment, *, timeout: float | None = None):
 
 
 def write_result(strategy: FedjaxStrategy, directory: str | pathlib.Path) -> None:
-    """`params.npz` (the final server params, leaves in tree order) and `result.json`
-    (`params_sha256`, per-round `history`, `failures`, `nodes`) into `directory`."""
+    """`params.npz` and `model_state.npz` (the final server params and model state, leaves
+    in tree order) and `result.json` (`params_sha256`, per-round `history`, `evaluations`,
+    `failures`, `nodes`) into `directory`."""
     path = pathlib.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(strategy.state.params))]
-    np.savez(path / "params.npz", *leaves)
+    for name in ("params", "model_state"):
+        tree = jax.device_get(getattr(strategy.state, name))
+        np.savez(path / f"{name}.npz", *[np.asarray(x) for x in jax.tree.leaves(tree)])
     result = {
         "params_sha256": params_sha256(strategy.state.params),
         "history": strategy.history,
+        "evaluations": strategy.evaluations,
         "failures": [failure._asdict() for failure in strategy.failures],
         "nodes": {str(partition): node for partition, node in strategy.nodes.items()},
     }

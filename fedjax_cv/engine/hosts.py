@@ -10,16 +10,20 @@ evaluation batches are dealt round-robin over the processes and their statistics
 every process in batch order (`gather_in_order`), so the merged statistics are those of one
 process evaluating every batch.
 
+The client-local store is the one array split over the processes (`fedjax_cv.engine.store`);
+`host_blocks` brings it to every host block by block when a checkpoint's digest needs it.
+
 With one process every function here is a no-op and nothing of this module runs in a round.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -168,16 +172,59 @@ def global_cohort(local: Cohort, num_clients: int, mesh) -> Cohort:
 
 def process_local(tree):
     """`tree` with each replicated global array replaced by this process's copy (one local
-    device), so it can enter a computation no other process takes part in."""
+    device), so it can enter a computation no other process takes part in. Arrays split over
+    the processes (the client-local store) stay as they are: no process holds them whole."""
     if not is_multiprocess():
         return tree
 
     def local(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and x.is_fully_replicated:
             return x.addressable_data(0)
         return x
 
     return jax.tree.map(local, tree)
+
+
+def is_split(x) -> bool:
+    """Whether `x` is a global array that no process holds whole (split over processes)."""
+    return isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated
+
+
+BLOCK_BYTES = 64 << 20  # the most of a split array that `host_blocks` brings to a host at once
+
+
+def host_blocks(x, max_bytes: int = BLOCK_BYTES) -> Iterator[np.ndarray]:
+    """`x`'s values on this host, as consecutive blocks of its leading axis: all of it at once
+    unless `x` is split over the processes; then every process must call this together, and
+    each block of rows (at most `max_bytes`) comes to every process in turn, so no host holds
+    all of it at once."""
+    if not is_split(x):
+        yield np.asarray(jax.device_get(x))
+    elif not isinstance(x.sharding, NamedSharding):
+        yield np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    else:
+        yield from row_blocks(x, max_bytes)
+
+
+def row_blocks(x: jax.Array, max_bytes: int = BLOCK_BYTES) -> Iterator[np.ndarray]:
+    """`host_blocks` of an array with a `NamedSharding`, split or not: blocks of its leading
+    axis of at most `max_bytes` (one row at least), each brought whole to every device."""
+    total = x.shape[0]
+    row_bytes = max(1, x.dtype.itemsize * int(np.prod(x.shape[1:], dtype=np.int64)))
+    rows = max(1, min(total, max_bytes // row_bytes))
+    fetch = _row_fetcher(x.sharding.mesh, rows)
+    for start in range(0, total, rows):
+        first = min(start, total - rows)  # the last block, as long as the others, ends at total
+        yield np.asarray(fetch(x, np.int32(first)))[start - first :]
+
+
+@functools.cache
+def _row_fetcher(mesh, rows: int):
+    """x, start -> rows [start, start + rows) of x, replicated on every device of `mesh`."""
+    return jax.jit(
+        lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, rows),
+        out_shardings=NamedSharding(mesh, P()),
+    )
 
 
 def my_share(items: Iterable[Any]) -> Iterable[tuple[int, Any]]:

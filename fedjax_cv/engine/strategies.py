@@ -192,6 +192,20 @@ class HostLoop:
 
         self._accumulate = jax.jit(accumulate, donate_argnums=0)
         self._final_shape = program.final
+        # Input signature -> a compiled maker of the round's zero total. Tracing the client's
+        # init and final for their shapes costs a YOLOv5n round on CPU 2.5%: once per signature.
+        self._zero_total = {}
+
+    def _zeros(self, shared, info, round_key, own):
+        leaves, treedef = jax.tree.flatten((shared, info, own))
+        signature = (treedef, tuple((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves))
+        make = self._zero_total.get(signature)
+        if make is None:
+            state_shape = jax.eval_shape(self._init, shared, info, round_key, own)
+            shapes = jax.eval_shape(self._final_shape, shared, state_shape, info)[0]
+            make = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+            self._zero_total[signature] = make
+        return make()
 
     def __call__(self, shared, cohort: Cohort, round_key: jax.Array, local=None):
         cohort = jax.device_get(cohort)
@@ -201,11 +215,7 @@ class HostLoop:
         for c in range(cohort.num_clients):
             info, own = jax.tree.map(lambda x, c=c: x[c], (cohort.clients, local))
             if total is None:
-                state_shape = jax.eval_shape(self._init, shared, info, round_key, own)
-                total = jax.tree.map(
-                    lambda s: jnp.zeros(s.shape, s.dtype),
-                    jax.eval_shape(self._final_shape, shared, state_shape, info)[0],
-                )
+                total = self._zeros(shared, info, round_key, own)
             state = self._init(shared, info, round_key, own)
             for s in np.flatnonzero(step_has_examples[c]):
                 batch = jax.tree.map(lambda x, c=c, s=s: x[c, s], cohort.examples)

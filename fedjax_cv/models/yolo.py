@@ -49,7 +49,7 @@ import numpy as np
 from fedjax_cv.models.backbones import mobilenet_v2_backbone, resnet_backbone
 from fedjax_cv.models.layers import select_features
 from fedjax_cv.models.mobilenet_v2 import STAGES
-from fedjax_cv.models.norm import Norm, check_norm
+from fedjax_cv.models.norm import Norm, batch_norm, check_norm
 from fedjax_cv.models.resnet import ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
 
 Anchors = tuple[tuple[tuple[float, float], ...], ...]
@@ -100,16 +100,13 @@ class UltralyticsBatchNorm(nn.Module):
     """BatchNorm with Ultralytics' epsilon and momentum.
 
     Its parameters sit where `Norm(kind="batch")` puts them (`.../norm/BatchNorm_0/...`), so
-    weight files and FedBN's norm-layer regex see the same names.
+    weight files and FedBN's norm-layer regex see the same names; like it, its batch statistics
+    leave out padded examples (`fedjax_cv.models.norm.example_mask`).
     """
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        return nn.BatchNorm(
-            use_running_average=not train,
-            momentum=BATCH_NORM_MOMENTUM,
-            epsilon=BATCH_NORM_EPSILON,
-        )(x)
+        return batch_norm(x, train=train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON)
 
 
 class Conv(nn.Module):
