@@ -54,7 +54,13 @@ RUN_CONFIG = {
 VARIANTS = {
     "fedavg": {},
     "fedavgm": {"fedjax.algorithm.name": "fedavgm", "fedjax.algorithm.server.momentum": 0.9},
-    "median": {"fedjax.algorithm.aggregator.name": "median"},
+    # Three clients, all in every round: the median of two is their mean.
+    "median": {
+        "fedjax.algorithm.aggregator.name": "median",
+        "fedjax.data.num_clients": 3,
+        "fedjax.data.num_train_examples": 240,
+        "fedjax.algorithm.clients_per_round": 3,
+    },
 }
 
 
@@ -194,12 +200,17 @@ THREE_NODES = {**TWO_NODES, 33: {flower.PARTITION_KEY: 2}}
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_flower_rounds_equal_simulation(variant):
     run_config = {**RUN_CONFIG, **VARIANTS[variant]}
-    strategy = run_flower(run_config, TWO_NODES)
+    clients = run_config["fedjax.data.num_clients"]
+    nodes = dict(list(THREE_NODES.items())[:clients])
+    strategy = run_flower(run_config, nodes)
     assert strategy.failures == []
-    assert strategy.nodes == {0: 11, 1: 22}
-    assert [m["num_clients"] for m in strategy.history] == [2.0, 2.0, 2.0]
+    assert strategy.nodes == {cfg[flower.PARTITION_KEY]: n for n, cfg in nodes.items()}
+    assert [m["num_clients"] for m in strategy.history] == [float(clients)] * 3
     got = jax.device_get(strategy.state.params)
     assert max_difference(simulate(run_config), got) <= 1e-5
+    if variant == "median":  # the median of three is not their mean
+        mean = {**run_config, "fedjax.algorithm.aggregator.name": "mean"}
+        assert max_difference(simulate(mean), got) > 1e-4
     # The comparison can fail: three rounds moved the params well beyond the tolerance.
     initial = train.build_experiment(flower.experiment_config(run_config)).initial_state.params
     assert max_difference(jax.device_get(initial), got) > 1e-2
